@@ -1,0 +1,56 @@
+"""The `looplens` console script.
+
+Each verb lives beside the code it drives and registers itself here: ``data/cli.py`` (data),
+``models/cli.py`` (train, eval), ``analyses/`` (study, reproduce), ``app/cli.py`` (app). This module
+only wires them together, so importing it stays cheap and a broken verb cannot break the others' --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb module -> the function that adds its sub-commands to the parser
+_VERB_MODULES = ["data.cli", "models.cli", "analyses.commands", "app.cli"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="looplens",
+        description="Looped transformers: knowledge-graph data, training, interpretability, reports.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in _VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a verb not written yet
+            if err.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"looplens {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"looplens {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Synthetic knowledge graphs (random-tail and permutation worlds), k-hop tasks and honest splits."""
