@@ -1,0 +1,118 @@
+"""Checkpoints: physical weights as safetensors + a JSON sidecar (config, provenance, checksum).
+
+A checkpoint at stem ``.../step_100`` is two files: ``step_100.safetensors`` and ``step_100.json``.
+The JSON is written last and carries the weights' sha256, so it doubles as a commit marker: a crash
+mid-save leaves either the previous checkpoint or none, never one that loads with wrong weights.
+Only physical weights are stored (tied or per-iteration views are not tensors of their own;
+safetensors also refuses tensors that share memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from data.provenance import atomic_write_bytes, atomic_write_text, provenance
+from models.config import LoopedConfig
+
+FORMAT = "looplens-checkpoint-v1"
+
+
+def _stem(path: str | Path) -> Path:
+    """A directory means ``DIR/model``; ``X.safetensors`` / ``X.json`` mean stem ``X``; else a stem."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "model"
+    if path.suffix in (".safetensors", ".json"):
+        return path.with_suffix("")
+    return path
+
+
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """(weights, sidecar) paths of the checkpoint at ``path`` (a directory, a stem or either file)."""
+    stem = _stem(path)
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_checkpoint(model, path: str | Path, **meta: Any) -> Path:
+    """Write ``model``'s weights and sidecar atomically at stem ``path``; returns the weights' path.
+
+    ``meta`` is recorded as given (the trainer passes step, seed, dataset_checksum, ...).
+    """
+    weights_path, sidecar_path = checkpoint_files(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    blob = save(state)
+    vocab = getattr(model, "vocab", None)
+    sidecar = {
+        "format": FORMAT,
+        "config": model.cfg.to_dict(),
+        "weights_file": weights_path.name,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "tensors": {k: list(v.shape) for k, v in state.items()},
+        "vocab": None if vocab is None else {"n_entities": vocab.n_entities, "n_relations": vocab.n_relations},
+        "provenance": provenance(),
+        **meta,
+    }
+    atomic_write_bytes(weights_path, blob)
+    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2, sort_keys=True, default=str))
+    return weights_path
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of a checkpoint, with a clear error when missing or unreadable."""
+    weights_path, sidecar_path = checkpoint_files(path)
+    if not sidecar_path.exists():
+        raise FileNotFoundError(f"checkpoint {sidecar_path.with_suffix('')}: no {sidecar_path.name} (not a looplens checkpoint, or its save did not finish)")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint sidecar {sidecar_path} is not valid JSON ({err})") from None
+    if sidecar.get("format") != FORMAT:
+        raise ValueError(f"checkpoint sidecar {sidecar_path}: format {sidecar.get('format')!r}, expected {FORMAT!r}")
+    return sidecar
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", **expect: Any):
+    """Load and verify a checkpoint; ``expect`` pins sidecar fields (e.g. dataset_checksum=...).
+
+    Raises ValueError / FileNotFoundError naming the file and the mismatch: missing files, a changed
+    weights file (sha256), config keys, tensor names or shapes that do not match the architecture.
+    """
+    from models.looped import LoopedTransformer
+
+    weights_path, sidecar_path = checkpoint_files(path)
+    sidecar = read_sidecar(path)
+    if not weights_path.exists():
+        raise FileNotFoundError(f"checkpoint {weights_path} is missing (its sidecar {sidecar_path.name} exists)")
+    blob = weights_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != sidecar["weights_sha256"]:
+        raise ValueError(f"checkpoint {weights_path}: sha256 mismatch, the weights file is corrupted or was changed after saving")
+    for key, want in expect.items():
+        if sidecar.get(key) != want:
+            raise ValueError(f"checkpoint {sidecar_path}: {key} is {sidecar.get(key)!r}, expected {want!r}")
+    cfg = LoopedConfig.from_dict(sidecar["config"])
+    model = LoopedTransformer(cfg)
+    state = load_file(str(weights_path))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {weights_path} does not match its config: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ValueError(
+                f"checkpoint {weights_path}: tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    if sidecar.get("vocab"):
+        from data import Vocab
+
+        model.vocab = Vocab(**sidecar["vocab"])
+    model.checkpoint_meta = sidecar
+    return model.to(device).eval()

@@ -1,0 +1,234 @@
+"""The looped model's parts, with TransformerLens's weight names, shapes and hook points.
+
+Weights and hooks are separated on purpose. A looped model runs the same physical block at every
+iteration, but TransformerLens keeps only one cached value per hook name, so every *virtual* layer
+(iteration t of physical block l) needs hook points of its own. Hence two kinds of module here:
+
+- ``*Params`` modules hold parameters and nothing else. They exist once per physical block.
+- The compute modules (``LayerNorm``, ``Attention``, ``MLP``, ``TransformerBlock``) hold hook points
+  and a reference to a ``*Params`` module. Several compute modules (one per iteration) may share one
+  ``*Params``; only its owner registers it, so ``named_parameters()`` lists each weight once and
+  gradients from every iteration add up on it. ``block.attn.W_Q`` reads through to the shared weight,
+  as TransformerLens code expects.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from models.config import LoopedConfig
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters (one per physical block)
+# ---------------------------------------------------------------------------------------------------
+class LayerNormParams(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+
+
+class AttentionParams(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(torch.empty(h, d, dh))
+        self.W_K = nn.Parameter(torch.empty(h, d, dh))
+        self.W_V = nn.Parameter(torch.empty(h, d, dh))
+        self.W_O = nn.Parameter(torch.empty(h, dh, d))
+        self.b_Q = nn.Parameter(torch.zeros(h, dh))
+        self.b_K = nn.Parameter(torch.zeros(h, dh))
+        self.b_V = nn.Parameter(torch.zeros(h, dh))
+        self.b_O = nn.Parameter(torch.zeros(d))
+
+
+class MLPParams(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+
+
+class BlockParams(nn.Module):
+    """All weights of one physical pre-LN transformer block."""
+
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.ln1 = LayerNormParams(cfg)
+        self.attn = AttentionParams(cfg)
+        self.ln2 = LayerNormParams(cfg)
+        self.mlp = MLPParams(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compute modules (one per virtual layer): hook points + a reference to shared parameters
+# ---------------------------------------------------------------------------------------------------
+class _UsesParams(nn.Module):
+    """Base for compute modules: ``self.params`` is the (possibly shared) parameter module.
+
+    ``own=True`` registers it (it is then saved and trained under this module's name);
+    ``own=False`` keeps a plain reference, so the same weights are not listed twice.
+    Attribute reads that miss (``self.W_Q``) fall through to the parameters.
+    """
+
+    def __init__(self, params: nn.Module, own: bool):
+        super().__init__()
+        if own:
+            self.params = params
+        else:
+            object.__setattr__(self, "params", params)
+
+    def bind(self, params: nn.Module) -> None:
+        """Compute with ``params`` from now on (a reference; used to map virtual layers to weights)."""
+        object.__setattr__(self, "params", params)
+        for child_name, child in self._modules.items():
+            if isinstance(child, _UsesParams) and child_name != "params":
+                child.bind(getattr(params, child_name))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            params = self.__dict__.get("params") or self._modules.get("params")
+            if params is not None and name[:1] in ("W", "b", "w"):
+                return getattr(params, name)
+            raise
+
+
+class LayerNorm(_UsesParams):
+    """TransformerLens's LayerNorm ("LN"): centre, divide by the RMS (hook_scale), affine."""
+
+    def __init__(self, cfg: LoopedConfig, params: LayerNormParams, own: bool = False):
+        super().__init__(params, own)
+        self.eps = cfg.ln_eps
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.params.w + self.params.b)
+
+
+class Attention(_UsesParams):
+    """Causal multi-head attention with per-head weights [n_heads, d_model, d_head].
+
+    Two paths give the same numbers (tested): the explicit one materialises scores and pattern
+    (and fires hook_attn_scores / hook_pattern); the fast one calls SDPA and is used whenever no
+    hook is attached to the scores or the pattern.
+    """
+
+    def __init__(self, cfg: LoopedConfig, params: AttentionParams, own: bool = False):
+        super().__init__(params, own)
+        self.cfg = cfg
+        self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head_index, query_pos, key_pos]
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        self.dropout_p = cfg.dropout
+
+    def _needs_pattern(self) -> bool:
+        return bool(self.hook_attn_scores.fwd_hooks or self.hook_pattern.fwd_hooks)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        p = self.params
+        proj = "batch pos d_model, head_index d_model d_head -> batch pos head_index d_head"
+        q = self.hook_q(einops.einsum(x, p.W_Q, proj) + p.b_Q)
+        k = self.hook_k(einops.einsum(x, p.W_K, proj) + p.b_K)
+        v = self.hook_v(einops.einsum(x, p.W_V, proj) + p.b_V)
+        n_pos = x.shape[1]
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
+        dropout = self.dropout_p if self.training else 0.0
+        if self._needs_pattern():
+            scores = einops.einsum(
+                q, k, "batch q_pos head_index d_head, batch k_pos head_index d_head -> batch head_index q_pos k_pos"
+            ) / self.cfg.attn_scale
+            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            if dropout:
+                pattern = F.dropout(pattern, dropout)
+            z = einops.einsum(
+                pattern, v, "batch head_index q_pos k_pos, batch k_pos head_index d_head -> batch q_pos head_index d_head"
+            )
+        else:
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=causal, dropout_p=dropout, scale=1.0 / self.cfg.attn_scale,
+            ).transpose(1, 2)
+        z = self.hook_z(z)
+        return einops.einsum(z, p.W_O, "batch pos head_index d_head, head_index d_head d_model -> batch pos d_model") + p.b_O
+
+
+class MLP(_UsesParams):
+    def __init__(self, cfg: LoopedConfig, params: MLPParams, own: bool = False):
+        super().__init__(params, own)
+        self.act = _ACTIVATIONS[cfg.act_fn]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        p = self.params
+        pre = self.hook_pre(einops.einsum(x, p.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + p.b_in)
+        post = self.hook_post(self.act(pre))
+        return einops.einsum(post, p.W_out, "batch pos d_mlp, d_mlp d_model -> batch pos d_model") + p.b_out
+
+
+class TransformerBlock(_UsesParams):
+    """One virtual layer: a pre-LN GPT-2 block computing with (shared) BlockParams.
+
+    Hook names match TransformerLens's TransformerBlock: hook_resid_pre, ln1.*, attn.*, hook_attn_out,
+    hook_resid_mid, ln2.*, mlp.*, hook_mlp_out, hook_resid_post.
+    """
+
+    def __init__(self, cfg: LoopedConfig, params: BlockParams, own: bool = False):
+        super().__init__(params, own)
+        self.ln1 = LayerNorm(cfg, params.ln1)
+        self.attn = Attention(cfg, params.attn)
+        self.ln2 = LayerNorm(cfg, params.ln2)
+        self.mlp = MLP(cfg, params.mlp)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid = self.hook_resid_pre(resid)
+        attn_out = self.hook_attn_out(self.dropout(self.attn(self.ln1(resid))))
+        resid = self.hook_resid_mid(resid + attn_out)
+        mlp_out = self.hook_mlp_out(self.dropout(self.mlp(self.ln2(resid))))
+        return self.hook_resid_post(resid + mlp_out)
+
+
+def init_block_params(params: BlockParams, cfg: LoopedConfig, generator: torch.Generator | None) -> None:
+    """GPT-2 style init: N(0, init_std) matrices, zero biases, unit LayerNorm gains.
+
+    With ``cfg.zero_init_out`` the attention and MLP output projections start at zero so each block is
+    the identity map at init (the paper's section 6: the default init was unstable across seeds at R=5).
+    """
+    for name, w in params.named_parameters():
+        if name.split(".")[-1].startswith("W_"):
+            with torch.no_grad():
+                w.normal_(0.0, cfg.init_std, generator=generator)
+    if cfg.zero_init_out:
+        with torch.no_grad():
+            params.attn.W_O.zero_()
+            params.mlp.W_out.zero_()

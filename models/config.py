@@ -1,0 +1,144 @@
+"""LoopedConfig: the model's settings, validated, JSON round-trippable, readable by TransformerLens.
+
+TransformerLens's analysis code (ActivationCache, patching, utils) reads a handful of attributes from
+``model.cfg``; the ones it needs and we do not otherwise use are fixed class-level constants below
+(normalization_type, attn_only, ...). ``n_layers`` is derived: the number of *virtual* layers one run
+with the default iteration count unrolls into, so ``cfg.n_layers`` always matches the hook names
+``blocks.0 .. blocks.{n_layers-1}`` of that run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ActFn = Literal["gelu", "gelu_new", "relu", "silu"]
+_ACT_FNS = ("gelu", "gelu_new", "relu", "silu")
+_POSITIONAL = ("none", "learned")
+_INJECTION = ("none", "add", "concat")
+
+
+@dataclass
+class LoopedConfig:
+    """Settings of a :class:`~models.LoopedTransformer`.
+
+    The paper's section-5 model is ``LoopedConfig(d_vocab=..., n_ctx=4, d_model=768, n_heads=12,
+    n_blocks=4, n_iterations=R, positional="learned")``; its section-6 model uses
+    ``positional="none", zero_init_out=True``.
+
+    >>> cfg = LoopedConfig(d_vocab=50, n_ctx=8, d_model=32, n_heads=4, n_blocks=2, n_iterations=3)
+    >>> cfg.d_head, cfg.d_mlp, cfg.n_layers
+    (8, 128, 6)
+    >>> LoopedConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    d_vocab: int
+    n_ctx: int
+    d_model: int = 128
+    n_heads: int = 4
+    d_head: int | None = None  # default d_model // n_heads
+    d_mlp: int | None = None  # default 4 * d_model
+    n_blocks: int = 4  # physical blocks inside the loop (weights exist once each)
+    n_iterations: int = 4  # default recurrence; forward(..., n_iterations=T) overrides per call
+    act_fn: str = "gelu"
+    positional: str = "learned"  # "learned" absolute positions, or "none" (NoPE, section 6)
+    ln_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # W_U = W_E^T, as in the paper (GPT-2 style)
+    zero_init_out: bool = False  # W_O and W_out start at zero: every block is the identity at init
+    init_std: float = 0.02
+    n_prelude: int = 0  # blocks before the loop (Huginn's prelude), run once
+    n_coda: int = 0  # blocks after the loop (Huginn's coda), run once
+    input_injection: str = "none"  # re-inject the embedded input at each iteration t >= 1
+    pad_token_id: int | None = 0  # right padding; the readout position is the last non-pad token
+    seed: int | None = None  # init seed (None: use the global RNG)
+    device: str = field(default="cpu", compare=False)
+
+    # TransformerLens reads these; fixed by our architecture (pre-LN, LayerNorm, no rotary, ...).
+    normalization_type = "LN"
+    attn_only = False
+    n_key_value_heads = None
+    positional_embedding_type = "standard"
+    final_rms = False
+    use_attn_result = False
+    use_split_qkv_input = False
+    use_attn_in = False
+    use_hook_mlp_in = False
+    default_prepend_bos = False
+    tokenizer_prepends_bos = False
+    parallel_attn_mlp = False
+    original_architecture = "looplens.LoopedTransformer"
+    model_name = "looplens-looped"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"LoopedConfig: {what}")
+
+        for name in ("d_vocab", "n_ctx", "d_model", "n_heads", "n_blocks", "n_iterations"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        if self.d_head is None:
+            need(self.d_model % self.n_heads == 0,
+                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless d_head is set")
+            self.d_head = self.d_model // self.n_heads
+        if self.d_mlp is None:
+            self.d_mlp = 4 * self.d_model
+        need(self.d_head >= 1 and self.d_mlp >= 1, "d_head and d_mlp must be positive")
+        need(self.act_fn in _ACT_FNS, f"act_fn must be one of {_ACT_FNS}, got {self.act_fn!r}")
+        need(self.positional in _POSITIONAL, f"positional must be one of {_POSITIONAL}, got {self.positional!r}")
+        need(self.input_injection in _INJECTION,
+             f"input_injection must be one of {_INJECTION}, got {self.input_injection!r}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
+        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        for name in ("n_prelude", "n_coda"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        if self.pad_token_id is not None:
+            need(0 <= self.pad_token_id < self.d_vocab,
+                 f"pad_token_id must be in [0, d_vocab={self.d_vocab}), got {self.pad_token_id}")
+
+    # --- derived ---------------------------------------------------------------------------------
+    def n_virtual_layers(self, n_iterations: int | None = None) -> int:
+        """Virtual layers of a run: prelude + n_iterations * n_blocks + coda."""
+        t = self.n_iterations if n_iterations is None else n_iterations
+        return self.n_prelude + t * self.n_blocks + self.n_coda
+
+    @property
+    def n_layers(self) -> int:
+        """TransformerLens's layer count: the virtual layers of a run at the default iteration count."""
+        return self.n_virtual_layers()
+
+    @property
+    def attn_scale(self) -> float:
+        return self.d_head**0.5
+
+    # --- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("device")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopedConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LoopedConfig: unknown key(s) {unknown}; known keys: {sorted(known - {'device'})}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoopedConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> LoopedConfig:
+        """A copy with some fields changed (re-validated)."""
+        return dataclasses.replace(self, **changes)
