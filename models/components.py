@@ -111,18 +111,21 @@ class _UsesParams(nn.Module):
 
 
 class LayerNorm(_UsesParams):
-    """TransformerLens's LayerNorm ("LN"): centre, divide by the RMS (hook_scale), affine."""
+    """TransformerLens's LayerNorm ("LN"): centre, divide by the RMS (hook_scale), affine.
+
+    As in TransformerLens, hook_normalized is the centred and scaled input *before* the affine map.
+    """
 
     def __init__(self, cfg: LoopedConfig, params: LayerNormParams, own: bool = False):
         super().__init__(params, own)
         self.eps = cfg.ln_eps
         self.hook_scale = HookPoint()  # [batch, pos, 1]
-        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model], before w and b
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale * self.params.w + self.params.b)
+        return self.hook_normalized(x / scale) * self.params.w + self.params.b
 
 
 class Attention(_UsesParams):

@@ -68,6 +68,8 @@ class Unembed(nn.Module):
         else:
             self.W_U_untied = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        self.hook_in = HookPoint()  # [batch, pos, d_model] (TransformerLens 3.9 names)
+        self.hook_out = HookPoint()  # [batch, pos, d_vocab]
 
     @property
     def W_U(self) -> Tensor:
@@ -75,7 +77,7 @@ class Unembed(nn.Module):
         return embed.W_E.T if embed is not None else self.W_U_untied
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return x @ self.W_U + self.b_U
+        return self.hook_out(self.hook_in(x) @ self.W_U + self.b_U)
 
 
 class IterationHooks(nn.Module):

@@ -17,7 +17,7 @@ install_env() {  # $1 = venv dir, $2 = transformer-lens requirement
 
 install_env .venv "transformer-lens>=4,<5"
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -m "not tl_compat" --doctest-modules tests models data interp analyses "$@"
 
 install_env .venv-tl39 "transformer-lens>=3.9,<4"
 .venv-tl39/bin/python -m pytest -q -m tl_compat -p no:cacheprovider

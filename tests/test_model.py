@@ -111,7 +111,7 @@ def test_cache_hook_names_pinned():
         for l in range(2):
             expected += [f"blocks.{2 * t + l}.{h}" for h in BLOCK_HOOKS]
         expected.append(f"loop.{t}.hook_state")
-    expected += ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    expected += ["ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
     assert list(cache.keys()) == expected
 
 
@@ -248,7 +248,7 @@ def test_activation_cache_helpers():
     parts = cache.decompose_resid()
     torch.testing.assert_close(parts.sum(0), cache["blocks.7.hook_resid_post"], atol=1e-5, rtol=1e-5)
     final = cache.apply_ln_to_stack(acc[-1:])  # centre and scale only, as TransformerLens defines it
-    expected = (cache["ln_final.hook_normalized"] - model.ln_final.b) / model.ln_final.w
+    expected = cache["ln_final.hook_normalized"]
     torch.testing.assert_close(final[0], expected, atol=1e-4, rtol=1e-4)
     stacked = cache.stack_activation("resid_post")
     assert stacked.shape == (8, 3, 4, 16)
