@@ -151,18 +151,23 @@ class Attention(_UsesParams):
         return bool(self.hook_attn_scores.fwd_hooks or self.hook_pattern.fwd_hooks)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        p = self.params
-        proj = "batch pos d_model, head_index d_model d_head -> batch pos head_index d_head"
-        q = self.hook_q(einops.einsum(x, p.W_Q, proj) + p.b_Q)
-        k = self.hook_k(einops.einsum(x, p.W_K, proj) + p.b_K)
-        v = self.hook_v(einops.einsum(x, p.W_V, proj) + p.b_V)
-        n_pos = x.shape[1]
+        p, cfg = self.params, self.cfg
+        batch, n_pos, _ = x.shape
+        # q, k, v in one GEMM: the per-head weights [head, d_model, d_head] laid side by side.
+        W_qkv = einops.rearrange(
+            torch.stack([p.W_Q, p.W_K, p.W_V]), "three head d_model d_head -> d_model (three head d_head)"
+        )
+        b_qkv = einops.rearrange(torch.stack([p.b_Q, p.b_K, p.b_V]), "three head d_head -> (three head d_head)")
+        qkv = torch.addmm(b_qkv, x.reshape(batch * n_pos, -1), W_qkv).view(batch, n_pos, 3, cfg.n_heads, cfg.d_head)
+        q = self.hook_q(qkv[:, :, 0])  # [batch, pos, head_index, d_head]
+        k = self.hook_k(qkv[:, :, 1])
+        v = self.hook_v(qkv[:, :, 2])
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
         dropout = self.dropout_p if self.training else 0.0
         if self._needs_pattern():
             scores = einops.einsum(
                 q, k, "batch q_pos head_index d_head, batch k_pos head_index d_head -> batch head_index q_pos k_pos"
-            ) / self.cfg.attn_scale
+            ) / cfg.attn_scale
             scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             if dropout:
@@ -173,10 +178,11 @@ class Attention(_UsesParams):
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=causal, dropout_p=dropout, scale=1.0 / self.cfg.attn_scale,
+                attn_mask=causal, dropout_p=dropout, scale=1.0 / cfg.attn_scale,
             ).transpose(1, 2)
         z = self.hook_z(z)
-        return einops.einsum(z, p.W_O, "batch pos head_index d_head, head_index d_head d_model -> batch pos d_model") + p.b_O
+        out = torch.addmm(p.b_O, z.reshape(batch * n_pos, -1), p.W_O.reshape(-1, cfg.d_model))
+        return out.view(batch, n_pos, cfg.d_model)
 
 
 class MLP(_UsesParams):
@@ -188,9 +194,10 @@ class MLP(_UsesParams):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         p = self.params
-        pre = self.hook_pre(einops.einsum(x, p.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + p.b_in)
+        batch, n_pos, d_model = x.shape
+        pre = self.hook_pre(torch.addmm(p.b_in, x.reshape(batch * n_pos, d_model), p.W_in).view(batch, n_pos, -1))
         post = self.hook_post(self.act(pre))
-        return einops.einsum(post, p.W_out, "batch pos d_mlp, d_mlp d_model -> batch pos d_model") + p.b_out
+        return torch.addmm(p.b_out, post.reshape(batch * n_pos, -1), p.W_out).view(batch, n_pos, d_model)
 
 
 class TransformerBlock(_UsesParams):
