@@ -335,7 +335,7 @@ def check_depth(g, cfg: DataConfig) -> None:
     s = g.splits
     assert list(s) == list(DEPTH_SPLITS)
     atomic = Facts.atomic(g.world)
-    for name, f in s.items():
+    for f in s.values():
         assert_follows_world(g.world, f)
         assert_canonical_order(f)
     train, test, train_eval = s["train"], s["test"], s["train_eval"]
