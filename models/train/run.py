@@ -1,0 +1,269 @@
+"""The run directory: its files, the metrics log, and :func:`load_run` for notebooks and analyses.
+
+Layout (the contract in DESIGN.md)::
+
+    runs/NAME/config.json                  full TrainConfig, resolved model config, dataset, provenance
+    runs/NAME/metrics.csv                  long format: step, epoch, stage, split, hops, iterations, accuracy, loss, n
+    runs/NAME/summary.json                 status, stop reason, last step, learnable depth, final accuracies
+    runs/NAME/checkpoints/step_<N>.safetensors (+ step_<N>.json)   weights at log-spaced and periodic steps
+    runs/NAME/checkpoints/state_latest.pt  everything needed to resume exactly (optimizer, RNGs, samplers...)
+    runs/NAME/eval/*.csv                   written by `looplens eval`
+
+Every file is written atomically (temp file + rename) except metrics.csv, which is only appended to;
+the resumable state records its byte length, and resuming truncates it back to that length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from data.provenance import atomic_write_text
+from models.train.config import TrainConfig
+
+RUN_FORMAT = "looplens-run-v1"
+METRICS_COLUMNS = ("step", "epoch", "stage", "split", "hops", "iterations", "accuracy", "loss", "n")
+TRAIN_SPLIT = "train_batch"  # metrics rows of training batches (hops 0: every hop count mixed)
+STAGE_SPLIT = "stage_passed"  # one row per passed curriculum stage (hops = the stage)
+_STEP_FILE = re.compile(r"^step_(\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def state(self) -> Path:
+        return self.checkpoints / "state_latest.pt"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def checkpoint(self, step: int) -> Path:
+        """The checkpoint stem for ``step`` (``.safetensors`` + ``.json``)."""
+        return self.checkpoints / f"step_{step}"
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with a complete checkpoint (its JSON sidecar, written last, exists)."""
+        if not self.checkpoints.is_dir():
+            return []
+        steps = []
+        for p in self.checkpoints.iterdir():
+            m = _STEP_FILE.match(p.name)
+            if m and p.with_suffix(".safetensors").exists():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+
+# -------------------------------------------------------------------------------------------------
+# metrics.csv
+# -------------------------------------------------------------------------------------------------
+def _fmt_float(x: float | None, digits: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:.{digits}f}"
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One CSV line; fixed float formatting, so identical runs write identical bytes."""
+    fields = [
+        str(int(row["step"])),
+        _fmt_float(row["epoch"], 4),
+        str(int(row["stage"])),
+        str(row["split"]),
+        str(int(row["hops"])),
+        str(int(row["iterations"])),
+        _fmt_float(row.get("accuracy"), 6),
+        _fmt_float(row.get("loss"), 6),
+        str(int(row["n"])),
+    ]
+    return ",".join(fields) + "\n"
+
+
+class MetricsLog:
+    """Append-only metrics.csv; rows are buffered and written by :meth:`flush` (one write + fsync)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.pending: list[str] = []
+        if not path.exists():
+            atomic_write_text(path, ",".join(METRICS_COLUMNS) + "\n")
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.pending.extend(format_row(r) for r in rows)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(self.pending))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.pending.clear()
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def truncate(self, n_bytes: int) -> None:
+        """Cut the file back to ``n_bytes`` (resume: rows written after the saved state are dropped)."""
+        self.pending.clear()
+        if self.size() < n_bytes:
+            raise ValueError(f"{self.path} is shorter ({self.size()} bytes) than the saved state says ({n_bytes}); "
+                             "the run directory was modified")
+        os.truncate(self.path, n_bytes)
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.csv as a DataFrame; a partial last line (a crash mid-append) is ignored."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not text:
+        return pd.DataFrame({c: [] for c in METRICS_COLUMNS})
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    from io import StringIO
+
+    frame = pd.read_csv(StringIO(text), dtype={"split": str})
+    if tuple(frame.columns) != METRICS_COLUMNS:
+        raise ValueError(f"{path}: columns {list(frame.columns)}, expected {list(METRICS_COLUMNS)}")
+    return frame
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------
+# Run
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run directory opened for reading.
+
+    >>> run = load_run("runs/tiny")                     # doctest: +SKIP
+    >>> run.metrics.query("split == 'test_inferred_ood'")  # doctest: +SKIP
+    >>> model = run.load_model("final")                  # doctest: +SKIP
+    """
+
+    path: Path
+    config: TrainConfig
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """metrics.csv (read afresh on every access, so a live run can be followed)."""
+        return read_metrics(self.paths.metrics)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        path = self.paths.summary
+        return json.loads(path.read_text()) if path.exists() else {"status": "unknown"}
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """Steps with a saved checkpoint, ascending."""
+        return self.paths.checkpoint_steps()
+
+    @property
+    def dataset_checksum(self) -> str:
+        return self.meta["dataset"]["checksum"]
+
+    @cached_property
+    def dataset(self):
+        """The run's data.Dataset: at its recorded path, else rebuilt from the config (checksum checked)."""
+        from data import ensure_dataset, load_dataset
+
+        recorded = Path(self.meta["dataset"]["path"])
+        ds = None
+        if recorded.is_dir():
+            ds = load_dataset(recorded)
+        else:
+            ds = ensure_dataset(self.config.data, data_root(self.config, self.path))
+        if ds.checksum != self.dataset_checksum:
+            raise ValueError(f"run {self.path}: dataset {ds.path} has checksum {ds.checksum[:12]}, the run was "
+                             f"trained on {self.dataset_checksum[:12]}")
+        return ds
+
+    def resolve_step(self, step: int | str | None = None) -> int:
+        """None -> "final" for a finished run, else "latest"; "final", "latest" or a saved step number."""
+        steps = self.checkpoints
+        if not steps:
+            raise FileNotFoundError(f"run {self.path}: no checkpoints yet")
+        if step is None:
+            step = "final" if self.summary.get("status") == "finished" else "latest"
+        if step == "latest":
+            return steps[-1]
+        if step == "final":
+            summary = self.summary
+            if summary.get("status") != "finished":
+                raise ValueError(f"run {self.path} has not finished (status {summary.get('status')!r}); "
+                                 "use checkpoint 'latest' or a step number")
+            return int(summary["final_step"])
+        try:
+            step = int(step)
+        except (TypeError, ValueError):
+            raise ValueError(f"checkpoint must be 'final', 'latest' or a step number, got {step!r}") from None
+        if step not in steps:
+            raise ValueError(f"run {self.path}: no checkpoint at step {step}; saved steps: {steps}")
+        return step
+
+    def load_model(self, step: int | str | None = None, device: str = "cpu"):
+        """The model at a checkpoint (see :meth:`resolve_step`), verified against this run's dataset,
+        with the dataset's vocab attached, in eval mode."""
+        from models.checkpoint import load_checkpoint
+
+        step = self.resolve_step(step)
+        model = load_checkpoint(self.paths.checkpoint(step), device=device, step=step,
+                                dataset_checksum=self.dataset_checksum)
+        return model
+
+
+def data_root(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Where a run's dataset is cached: run.data_root, else ``<parent of the run>/.datasets``."""
+    if cfg.run.data_root:
+        return Path(cfg.run.data_root).expanduser()
+    return Path(run_dir).resolve().parent / ".datasets"
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Open a run directory written by :func:`models.train.train`."""
+    path = Path(path)
+    config_path = RunPaths(path).config
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run {path}: no config.json (not a looplens run directory)")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != RUN_FORMAT:
+        raise ValueError(f"run {path}: config.json format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
+    return Run(path, TrainConfig.from_dict(meta["config"]), meta)
