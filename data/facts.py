@@ -14,6 +14,8 @@ import numpy as np
 from jaxtyping import Int
 
 PAD = -1
+# relations / bridges matrices are int32: the depth train split is ~600k rows x 40 columns, padded
+MATRIX_DTYPE = np.int32
 
 
 @dataclass(eq=False)
@@ -28,6 +30,12 @@ class Facts:
     hops: Int[np.ndarray, " n"]
     answers: Int[np.ndarray, " n"]
     bridges: Int[np.ndarray, "n width_minus_1"]
+
+    def __post_init__(self) -> None:
+        self.relations = np.asarray(self.relations, dtype=MATRIX_DTYPE)
+        self.bridges = np.asarray(self.bridges, dtype=MATRIX_DTYPE)
+        if self.bridges.ndim != 2 or self.relations.ndim != 2:
+            raise ValueError("Facts: relations and bridges must be 2-d")
 
     def __len__(self) -> int:
         return len(self.heads)
@@ -63,9 +71,11 @@ class Facts:
         """The same rows with relations padded to ``width`` columns (bridges to ``width - 1``)."""
         if width < self.width:
             raise ValueError(f"cannot pad facts of width {self.width} to {width}")
-        rel = np.full((len(self), width), PAD, np.int64)
+        if width == self.width:
+            return self
+        rel = np.full((len(self), width), PAD, MATRIX_DTYPE)
         rel[:, : self.width] = self.relations
-        br = np.full((len(self), max(width - 1, 0)), PAD, np.int64)
+        br = np.full((len(self), max(width - 1, 0)), PAD, MATRIX_DTYPE)
         br[:, : self.bridges.shape[1]] = self.bridges
         return Facts(self.heads, rel, self.hops, self.answers, br)
 
@@ -77,8 +87,8 @@ class Facts:
             return cls.empty()
         width = max(p.width for p in parts)
         n = sum(len(p) for p in parts)
-        out = cls(np.empty(n, np.int64), np.full((n, width), PAD, np.int64), np.empty(n, np.int64),
-                  np.empty(n, np.int64), np.full((n, max(width - 1, 0)), PAD, np.int64))
+        out = cls(np.empty(n, np.int64), np.full((n, width), PAD, MATRIX_DTYPE), np.empty(n, np.int64),
+                  np.empty(n, np.int64), np.full((n, max(width - 1, 0)), PAD, MATRIX_DTYPE))
         at = 0
         for p in parts:
             rows = slice(at, at + len(p))
@@ -108,5 +118,5 @@ class Facts:
             f = Facts(self.heads, self.relations[:, :width], self.hops, self.answers, self.bridges[:, : max(width - 1, 0)])
         else:
             f = self.padded(width)
-        table = np.ascontiguousarray(np.column_stack([f.heads, f.relations]))
+        table = np.ascontiguousarray(np.column_stack([f.heads, f.relations.astype(np.int64)]))
         return table.view(np.dtype((np.void, table.dtype.itemsize * table.shape[1]))).ravel()

@@ -183,7 +183,7 @@ class _ChainCounter:
         self.start = np.cumsum(self.degree) - self.degree
         self.norm = [np.ones(world.n_entities)]
         self.log_scale = [0.0]
-        self._edge_cum: dict[int, np.ndarray] = {}
+        self._edge_cdf: dict[int, np.ndarray] = {}
 
     def _level(self, m: int) -> np.ndarray:
         while len(self.norm) <= m:
@@ -201,14 +201,19 @@ class _ChainCounter:
         log_total = math.log(s) + self.log_scale[k]
         return float(round(math.exp(log_total))) if log_total < 700 else math.inf
 
-    def _cum(self, m: int) -> np.ndarray:
-        """Cumulative probabilities of each edge as the next step of a uniform chain with m hops left."""
-        if m not in self._edge_cum:
+    def _cdf(self, m: int) -> np.ndarray:
+        """[entity, slot] cumulative probability of taking each of the entity's edges (in relation order)
+        as the next step of a uniform chain with m hops left; +inf from the last edge on."""
+        if m not in self._edge_cdf:
             w = self._level(m - 1)[self.ft]
-            seg = np.bincount(self.fh, weights=w, minlength=self.world.n_entities)
-            p = np.divide(w, seg[self.fh], out=np.zeros_like(w), where=seg[self.fh] > 0)
-            self._edge_cum[m] = np.cumsum(p)
-        return self._edge_cum[m]
+            seg = np.bincount(self.fh, weights=w, minlength=self.world.n_entities)[self.fh]
+            slot = np.arange(len(self.fh)) - self.start[self.fh]
+            p = np.zeros((self.world.n_entities, max(int(self.degree.max(initial=0)), 1)))
+            p[self.fh, slot] = np.divide(w, seg, out=np.zeros_like(w), where=seg > 0)
+            cdf = np.cumsum(p, axis=1)
+            cdf[np.arange(p.shape[1])[None, :] >= self.degree[:, None] - 1] = np.inf
+            self._edge_cdf[m] = cdf
+        return self._edge_cdf[m]
 
     def sample(self, k: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``n`` k-hop chains drawn uniformly (with replacement) from all distinct k-hop chains."""
@@ -218,13 +223,11 @@ class _ChainCounter:
         current = heads
         alive = np.ones(n, dtype=bool)
         for hop in range(k):
-            cum = self._cum(k - hop)  # k - hop hops left, this one included
-            start, degree = np.minimum(self.start[current], len(cum) - 1), self.degree[current]
-            alive &= degree > 0  # a dead end is only reachable through float round-off; dropped below
-            last = np.minimum(start + np.maximum(degree, 1) - 1, len(cum) - 1)
-            base = np.where(start > 0, cum[np.maximum(start - 1, 0)], 0.0)
-            target = base + rng.random(n) * (cum[last] - base)
-            edge = np.clip(np.searchsorted(cum, target, side="right"), start, last)
+            cdf = self._cdf(k - hop)[current]  # k - hop hops left, this one included
+            slot = (rng.random(n)[:, None] >= cdf).sum(axis=1)  # inverse CDF within the entity's edges
+            degree = self.degree[current]
+            alive &= degree > 0  # a dead end is reachable only through float round-off; dropped below
+            edge = np.minimum(self.start[current] + np.minimum(slot, np.maximum(degree - 1, 0)), len(self.fh) - 1)
             relations[:, hop] = self.fr[edge]
             current = self.ft[edge]
         return heads[alive], relations[alive]
@@ -252,15 +255,27 @@ def _unique_chains(counter: _ChainCounter, k: int, need: int, rng: np.random.Gen
         heads, relations = counter.enumerate(k)
         pick = sample_without_replacement(rng, len(heads), need)
         return heads[pick], relations[pick]
-    # i.i.d. uniform draws; the distinct values in order of first appearance are a uniform ordered sample
+    # i.i.d. uniform draws; the distinct values in order of first appearance are a uniform ordered sample.
+    # Duplicates are found by a 64-bit hash of the chain (sorting uint64 is far faster than sorting rows);
+    # a hash collision could only drop a chain, never keep a duplicate.
     chains = np.empty((0, k + 1), dtype=np.int64)
     while len(chains) < need:
         heads, relations = counter.sample(k, int((need - len(chains)) * 1.05) + 64, rng)
-        merged = np.concatenate([chains, np.column_stack([heads, relations])])
-        _, first = np.unique(merged, axis=0, return_index=True)
-        chains = merged[np.sort(first)]
+        chains = np.concatenate([chains, np.column_stack([heads, relations])])
+        _, first = np.unique(_chain_hash(chains), return_index=True)
+        chains = chains[np.sort(first)]
     chains = chains[:need]
     return chains[:, 0].copy(), chains[:, 1:].copy()
+
+
+_HASH_MULTIPLIERS = np.random.default_rng(20260407).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def _chain_hash(chains: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per row (random odd multipliers, wrapping arithmetic)."""
+    mult = _HASH_MULTIPLIERS[: chains.shape[1]]
+    with np.errstate(over="ignore"):
+        return ((chains.astype(np.uint64) + np.uint64(1)) * mult).sum(axis=1, dtype=np.uint64)
 
 
 def depth_splits(world: World, cfg: DataConfig) -> Generated:
