@@ -1,1 +1,38 @@
-"""looplens interp."""
+"""looplens interp: analyses of looped (and vanilla) transformers as plain functions returning DataFrames.
+
+Each function takes the model, the queries (token ids or strings such as "e17 r3 r9") and optionally a
+cache, and returns a tidy pandas DataFrame (one row per measurement; columns documented in each
+docstring). Figure builders over those frames live in :mod:`interp.plots`. See docs/interp.md.
+
+>>> from interp import logit_lens, locate_hops, activation_patching, fixed_points  # doctest: +SKIP
+"""
+
+from interp._common import layer_table
+from interp.attention import attention_by_iteration
+from interp.fixed_points import fixed_point_summary, fixed_points, spectral_radius
+from interp.grokking import grokking_stages, read_metrics
+from interp.hops import hop_resolution_distribution, locate_hops, resolve_hops, summarize_hops
+from interp.lens import hop_targets, logit_lens
+from interp.overthinking import overthinking, overthinking_summary
+from interp.patching import activation_patching, logit_diff, make_patching_pairs
+
+__all__ = [
+    "activation_patching",
+    "attention_by_iteration",
+    "fixed_point_summary",
+    "fixed_points",
+    "grokking_stages",
+    "hop_resolution_distribution",
+    "hop_targets",
+    "layer_table",
+    "locate_hops",
+    "logit_diff",
+    "logit_lens",
+    "make_patching_pairs",
+    "overthinking",
+    "overthinking_summary",
+    "read_metrics",
+    "resolve_hops",
+    "spectral_radius",
+    "summarize_hops",
+]

@@ -1,0 +1,475 @@
+"""Activation patching over (iteration, block, position[, head]), batched.
+
+Clean and corrupted queries differ in one token (the head entity, or one relation) so that their answers
+differ. An activation of the clean run is copied into the corrupted run at one cell (virtual layer,
+position, head) and the readout's logit difference ``logit[clean answer] - logit[corrupted answer]`` is
+measured. Normalised: 1 = the clean behaviour is fully restored, 0 = still the corrupted behaviour.
+
+Many cells share one forward pass: the corrupted batch is repeated once per cell along the batch axis
+and one hook per virtual layer patches each copy at its own cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp._common import (
+    HOOKS,
+    Queries,
+    TokenIds,
+    analysis_mode,
+    as_token_ids,
+    as_tokens,
+    check_cache,
+    check_choice,
+    check_n_iterations,
+    check_positive_int,
+    layer_table,
+    progress_bar,
+    readout_logits,
+)
+from models import LoopedTransformer
+
+PATCH_COLUMNS = {
+    "hook": object,
+    "layer": "int64",
+    "stage": object,
+    "iteration": "int64",
+    "block": "int64",
+    "position": "int64",
+    "head": "int64",
+    "effect": "float64",
+    "metric": "float64",
+    "clean_metric": "float64",
+    "corrupted_metric": "float64",
+    "n_pairs": "int64",
+}
+PATCH_EXAMPLE_COLUMNS = {
+    "hook": object,
+    "pair": "int64",
+    **{k: v for k, v in PATCH_COLUMNS.items() if k not in ("hook", "n_pairs")},
+}
+PAIR_COLUMNS = {
+    "pair": "int64",
+    "hops": "int64",
+    "corrupt": object,
+    "position": "int64",
+    "clean": object,
+    "corrupted": object,
+    "clean_answer": object,
+    "corrupted_answer": object,
+    "clean_tokens": object,
+    "corrupted_tokens": object,
+    "clean_answer_token": "int64",
+    "corrupted_answer_token": "int64",
+}
+
+Metric = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pairs
+# ---------------------------------------------------------------------------------------------------
+def _follow(tails: np.ndarray, heads: np.ndarray, relations: np.ndarray) -> np.ndarray:
+    """Answers of chains (broadcast over leading axes); -1 where a chain leaves the world."""
+    current = heads.copy()
+    for j in range(relations.shape[-1]):
+        ok = current >= 0
+        nxt = np.where(ok, tails[np.where(ok, current, 0), relations[..., j]], -1)
+        current = nxt
+    return current
+
+
+def make_patching_pairs(
+    source: Any,
+    n: int = 256,
+    *,
+    hops: int = 2,
+    corrupt: str = "head",
+    position: int | None = None,
+    split: str | None = None,
+    seed: int = 0,
+    n_candidates: int = 64,
+) -> pd.DataFrame:
+    """Clean / corrupted query pairs whose answers differ, from a world or a dataset.
+
+    Args:
+        source: a ``data.World`` (random chains are drawn) or a ``data.Dataset`` (``.world``; with
+            ``split`` the clean queries are drawn from that split's ``hops``-hop rows).
+        n: pairs wanted. Fewer are returned when the source has fewer clean queries, or when no
+            corruption with a different answer exists for some of them (those are dropped).
+        hops: relations per query.
+        corrupt: "head" (replace the head entity) or "relation" (replace relation ``position``).
+        position: for corrupt="relation", which relation (1..hops; default 1, which changes the first
+            bridge). Ignored for "head" (position 0).
+        split: a split name of the dataset (e.g. "test_inferred_ood"), or None for random chains.
+        seed: everything random is drawn from ``numpy.random.default_rng(seed)``.
+        n_candidates: replacements tried per pair and round (4 rounds).
+
+    Returns:
+        One row per pair. Columns: pair (int64), hops (int64), corrupt (str), position (int64, the token
+        position that differs), clean, corrupted (query strings "e17 r3 r9"), clean_answer,
+        corrupted_answer ("e5"), clean_tokens, corrupted_tokens (tuples of token ids, vocab layout pad 0,
+        entities 1..N, relations N+1..), clean_answer_token, corrupted_answer_token (int64). Pass the
+        frame straight to :func:`activation_patching`.
+
+    >>> from types import SimpleNamespace
+    >>> world = SimpleNamespace(tails=np.array([[1, 2], [2, 0], [0, 1]]))
+    >>> pairs = make_patching_pairs(world, 4, hops=2, corrupt="relation", position=2, seed=0)
+    >>> bool((pairs.clean_answer != pairs.corrupted_answer).all()), pairs.clean_tokens[0][:1]
+    (True, (1,))
+    """
+    world = getattr(source, "world", source)
+    tails = getattr(world, "tails", None)
+    if tails is None:
+        raise ValueError("make_patching_pairs needs a data.World (with .tails) or a data.Dataset (with .world)")
+    tails = np.asarray(tails, dtype=np.int64)
+    n_entities, n_relations = tails.shape
+    n = check_positive_int("n", n)
+    hops = check_positive_int("hops", hops)
+    check_choice("corrupt", corrupt, ("head", "relation"))
+    if corrupt == "relation":
+        position = 1 if position is None else position
+        if not isinstance(position, int | np.integer) or not 1 <= position <= hops:
+            raise ValueError(f"position must be a relation position in 1..{hops} for corrupt='relation', got {position!r}")
+    else:
+        position = 0
+    rng = np.random.default_rng(seed)
+
+    if split is not None:
+        if not hasattr(source, "facts"):
+            raise ValueError("split= needs a data.Dataset as source")
+        facts = source.facts(split)
+        rows = np.nonzero(np.asarray(facts.hops) == hops)[0]
+        if len(rows) == 0:
+            raise ValueError(f"split {split!r} has no {hops}-hop queries")
+        rows = rng.choice(rows, size=min(n, len(rows)), replace=False)
+        heads = np.asarray(facts.heads)[rows]
+        relations = np.asarray(facts.relations)[rows, :hops]
+    else:
+        heads = rng.integers(0, n_entities, size=n)
+        relations = np.empty((n, hops), dtype=np.int64)
+        current = heads
+        for j in range(hops):  # walk existing edges only (random-tail worlds have missing ones)
+            scores = rng.random((n, n_relations))
+            scores[tails[current] < 0] = -1.0
+            relations[:, j] = scores.argmax(1)
+            current = tails[current, relations[:, j]]
+            if (current < 0).any():
+                raise ValueError("make_patching_pairs: some entity has no outgoing relation")
+    answers = _follow(tails, heads, relations)
+
+    chosen = np.full(len(heads), -1, dtype=np.int64)
+    new_answers = np.full(len(heads), -1, dtype=np.int64)
+    for _ in range(4):
+        todo = np.nonzero(chosen < 0)[0]
+        if len(todo) == 0:
+            break
+        if corrupt == "head":
+            cand = rng.integers(0, n_entities, size=(len(todo), n_candidates))
+            cand_answers = _follow(tails, cand, np.broadcast_to(relations[todo, None], (*cand.shape, hops)))
+            ok = cand != heads[todo, None]
+        else:
+            cand = rng.integers(0, n_relations, size=(len(todo), n_candidates))
+            rels = np.repeat(relations[todo, None], n_candidates, axis=1)
+            rels[..., position - 1] = cand
+            cand_answers = _follow(tails, np.broadcast_to(heads[todo, None], cand.shape), rels)
+            ok = cand != relations[todo, position - 1, None]
+        ok &= (cand_answers >= 0) & (cand_answers != answers[todo, None])
+        found = ok.any(1)
+        first = ok.argmax(1)
+        chosen[todo[found]] = cand[found, first[found]]
+        new_answers[todo[found]] = cand_answers[found, first[found]]
+    keep = chosen >= 0
+    if not keep.any():
+        raise ValueError(f"no corruption of the {corrupt} changes the answer for any of the {len(heads)} queries")
+    heads, relations, answers, chosen, new_answers = heads[keep], relations[keep], answers[keep], chosen[keep], new_answers[keep]
+    c_heads = chosen if corrupt == "head" else heads
+    c_relations = relations.copy()
+    if corrupt == "relation":
+        c_relations[:, position - 1] = chosen
+
+    def tokens(h: np.ndarray, r: np.ndarray) -> list[tuple[int, ...]]:
+        ids = np.concatenate([h[:, None] + 1, r + 1 + n_entities], axis=1)
+        return [tuple(int(i) for i in row) for row in ids]
+
+    def text(h: np.ndarray, r: np.ndarray) -> list[str]:
+        return [" ".join([f"e{a}"] + [f"r{b}" for b in rs]) for a, rs in zip(h.tolist(), r.tolist())]
+
+    m = len(heads)
+    out = pd.DataFrame({
+        "pair": np.arange(m), "hops": np.full(m, hops), "corrupt": [corrupt] * m, "position": np.full(m, position),
+        "clean": text(heads, relations), "corrupted": text(c_heads, c_relations),
+        "clean_answer": [f"e{a}" for a in answers.tolist()], "corrupted_answer": [f"e{a}" for a in new_answers.tolist()],
+        "clean_tokens": tokens(heads, relations), "corrupted_tokens": tokens(c_heads, c_relations),
+        "clean_answer_token": answers + 1, "corrupted_answer_token": new_answers + 1,
+    })
+    return out.astype(PAIR_COLUMNS)
+
+
+def _pairs_tokens(pairs: pd.DataFrame, column: str) -> Tensor:
+    seqs = pairs[column].tolist()
+    width = max(len(s) for s in seqs)
+    out = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Patching
+# ---------------------------------------------------------------------------------------------------
+def logit_diff(
+    logits: Float[Tensor, "n d_vocab"], clean_answers: Int[Tensor, " n"], corrupted_answers: Int[Tensor, " n"]
+) -> Float[Tensor, " n"]:
+    """``logit[clean answer] - logit[corrupted answer]`` per row (readout logits)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return (logits[rows, clean_answers] - logits[rows, corrupted_answers]).float()
+
+
+def _hook_suffix(hook: str) -> tuple[str, str]:
+    """(short name, name within a block) of a patchable activation."""
+    for short, full in HOOKS.items():
+        if hook in (short, full, full.split(".")[-1]):
+            return short, full
+    raise ValueError(f"unknown hook {hook!r}; patchable activations: {', '.join(HOOKS)} "
+                     f"(or their full names {', '.join(HOOKS.values())})")
+
+
+def activation_patching(
+    model: LoopedTransformer,
+    clean: Queries | pd.DataFrame,
+    corrupted: Queries | None = None,
+    clean_answers: TokenIds | None = None,
+    corrupted_answers: TokenIds | None = None,
+    *,
+    hook: str = "resid_pre",
+    n_iterations: int | None = None,
+    clean_cache: Any = None,
+    by_position: bool = True,
+    layers: Sequence[int] | None = None,
+    iterations: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    metric: str | Metric = "logit_diff",
+    per_example: bool = False,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Patch one clean activation into the corrupted run per cell; measure the normalised logit difference.
+
+    Args:
+        clean: clean queries (ids [batch, pos] or strings), or a :func:`make_patching_pairs` frame (then
+            leave corrupted / clean_answers / corrupted_answers out).
+        corrupted: corrupted queries, same shape and the same readout (last non-pad) positions as clean.
+        clean_answers, corrupted_answers: answer token ids (or "e5" strings). corrupted_answers None: the
+            model's own prediction on the corrupted queries.
+        hook: "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out" or "z" (one head's output).
+        n_iterations: the run's iteration count (default: the clean cache's, else the model's).
+        clean_cache: a ``model.run_with_cache(clean, n_iterations=T)`` cache to patch from.
+        by_position: patch one position per cell (True) or all positions at once (False; position = -1).
+        layers / iterations: restrict to these virtual layers / loop iterations (default: all layers).
+        positions: restrict to these positions (default: all). heads: for hook="z", these heads (default all).
+        metric: "logit_diff" or a callable ``(readout_logits [n, d_vocab], clean_answers [n],
+            corrupted_answers [n]) -> [n]``.
+        per_example: one row per (cell, pair), normalised per pair, instead of per cell.
+        batch_size: rows per forward pass (cells per pass = batch_size // pairs, at least 1).
+        progress: tqdm bar over forward passes.
+
+    Returns:
+        Per cell (per_example=False), columns: hook (str), layer (int64 virtual layer), stage, iteration,
+        block (int64, as in :func:`interp.logit_lens`), position (int64; -1 = all positions), head (int64;
+        -1 = not a head hook), effect (float64, ``(M_patched - M_corrupted) / (M_clean - M_corrupted)`` with
+        M the metric's mean over pairs: 1 = clean behaviour restored, 0 = corrupted; NaN when clean and
+        corrupted means coincide), metric (float64, M_patched), clean_metric, corrupted_metric (float64),
+        n_pairs (int64). per_example=True: a ``pair`` column instead of n_pairs, each value per pair.
+    """
+    short, suffix = _hook_suffix(hook)
+    clean_t, corrupted_t, clean_ans, corrupted_ans = _inputs(model, clean, corrupted, clean_answers, corrupted_answers)
+    B, n_pos = clean_t.shape
+    T = check_n_iterations(model, n_iterations, clean_cache)
+    batch_size = check_positive_int("batch_size", batch_size)
+    metric_fn = _metric(metric)
+    table = layer_table(model, T)
+    cells = _cells(model, T, table, short, by_position, layers, iterations, positions, heads, n_pos)
+    names = sorted({f"blocks.{v}.{suffix}" for v in cells["layer"]}, key=lambda s: int(s.split(".")[1]))
+    if clean_cache is not None:
+        check_cache(clean_cache, names, B)
+
+    with analysis_mode(model):
+        readout = model.readout_positions(clean_t)
+        if not torch.equal(readout, model.readout_positions(corrupted_t)):
+            raise ValueError("clean and corrupted queries must have the same lengths (readout positions) pair by pair")
+        if clean_cache is None:
+            _, clean_cache = model.run_with_cache(clean_t, n_iterations=T, names_filter=lambda x: x in names)
+        # the baselines go through the same code path as the patched runs, so a full patch restores the
+        # clean metric up to float rounding of the batch size
+        clean_logits = readout_logits(model, clean_t, T, readout)
+        corrupted_logits = readout_logits(model, corrupted_t, T, readout)
+        if corrupted_ans is None:
+            corrupted_ans = corrupted_logits.argmax(-1)
+        clean_metric = metric_fn(clean_logits, clean_ans, corrupted_ans).float()
+        corrupted_metric = metric_fn(corrupted_logits, clean_ans, corrupted_ans).float()
+        clean_acts = {name: clean_cache[name].to(clean_t.device) for name in names}
+        patched = _sweep(model, cells, clean_acts, corrupted_t, readout, T, suffix, by_position, metric_fn,
+                         clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
+    return _patch_frame(short, cells, patched.cpu().double(), clean_metric.cpu().double(),
+                        corrupted_metric.cpu().double(), per_example)
+
+
+def _inputs(model: LoopedTransformer, clean: Any, corrupted: Any, clean_answers: Any, corrupted_answers: Any
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    if isinstance(clean, pd.DataFrame):
+        if corrupted is not None or clean_answers is not None or corrupted_answers is not None:
+            raise ValueError("pass either a make_patching_pairs frame, or clean, corrupted and answers; not both")
+        missing = [c for c in ("clean_tokens", "corrupted_tokens", "clean_answer_token", "corrupted_answer_token")
+                   if c not in clean.columns]
+        if missing:
+            raise ValueError(f"the pairs frame lacks columns {missing} (build it with make_patching_pairs)")
+        if clean.empty:
+            raise ValueError("the pairs frame is empty")
+        pairs = clean
+        clean = _pairs_tokens(pairs, "clean_tokens")
+        corrupted = _pairs_tokens(pairs, "corrupted_tokens")
+        clean_answers = torch.as_tensor(pairs["clean_answer_token"].to_numpy())
+        corrupted_answers = torch.as_tensor(pairs["corrupted_answer_token"].to_numpy())
+    if corrupted is None or clean_answers is None:
+        raise ValueError("activation_patching needs corrupted queries and clean_answers (or a pairs frame)")
+    clean_t = as_tokens(model, clean)
+    corrupted_t = as_tokens(model, corrupted)
+    if clean_t.shape != corrupted_t.shape:
+        raise ValueError(f"clean and corrupted must have the same shape; got {tuple(clean_t.shape)} and "
+                         f"{tuple(corrupted_t.shape)} (pad both to the same length)")
+    B = clean_t.shape[0]
+    return (clean_t, corrupted_t, as_token_ids(model, clean_answers, B, "clean_answers"),
+            as_token_ids(model, corrupted_answers, B, "corrupted_answers"))
+
+
+def _metric(metric: str | Metric) -> Metric:
+    if callable(metric):
+        return metric
+    if metric == "logit_diff":
+        return logit_diff
+    raise ValueError(f"metric must be 'logit_diff' or a callable (logits, clean_answers, corrupted_answers) -> [n]; "
+                     f"got {metric!r}")
+
+
+def _index_list(name: str, values: Sequence[int] | None, limit: int, what: str) -> list[int]:
+    if values is None:
+        return list(range(limit))
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or not 0 <= v < limit:
+            raise ValueError(f"{name}: {v!r} is outside {what} (valid: 0..{limit - 1})")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name} is empty")
+    return sorted(set(out))
+
+
+def _cells(model: LoopedTransformer, T: int, table: pd.DataFrame, short: str, by_position: bool,
+           layers: Sequence[int] | None, iterations: Sequence[int] | None, positions: Sequence[int] | None,
+           heads: Sequence[int] | None, n_pos: int) -> pd.DataFrame:
+    n_layers = len(table)
+    if layers is not None and iterations is not None:
+        raise ValueError("give layers or iterations, not both")
+    if iterations is not None:
+        its = _index_list("iterations", iterations, T, f"the run (n_iterations={T})")
+        layer_list = table.loc[(table["stage"] == "loop") & table["iteration"].isin(its), "layer"].tolist()
+    else:
+        layer_list = _index_list("layers", layers, n_layers, f"the run's {n_layers} virtual layers (n_iterations={T})")
+    pos_list = _index_list("positions", positions, n_pos, "the sequence") if by_position else [-1]
+    if positions is not None and not by_position:
+        raise ValueError("positions only applies with by_position=True")
+    if short == "z":
+        head_list = _index_list("heads", heads, model.cfg.n_heads, "the heads")
+    elif heads is not None:
+        raise ValueError(f"heads only applies to hook='z', not {short!r}")
+    else:
+        head_list = [-1]
+    grid = np.array(np.meshgrid(layer_list, pos_list, head_list, indexing="ij")).reshape(3, -1)
+    cells = pd.DataFrame({"layer": grid[0], "position": grid[1], "head": grid[2]})
+    return cells.merge(table, on="layer", how="left")
+
+
+def _patch_hook(n_copies: int, B: int, copies: Tensor, pos: Tensor, head: Tensor, clean_act: Tensor,
+                by_position: bool, is_head: bool) -> Callable:
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)
+        xv = x.view(n_copies, B, *x.shape[1:])
+        if by_position and is_head:  # xv [copy, batch, pos, head, d_head]
+            xv[copies, :, pos, head] = clean_act[:, pos, head].transpose(0, 1)
+        elif by_position:  # xv [copy, batch, pos, d_model]
+            xv[copies, :, pos] = clean_act[:, pos].transpose(0, 1)
+        elif is_head:
+            xv[copies, :, :, head] = clean_act[:, :, head].permute(2, 0, 1, 3)
+        else:
+            xv[copies] = clean_act
+        return x
+
+    return hook
+
+
+def _sweep(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, Tensor], corrupted: Tensor,
+           readout: Tensor, T: int, suffix: str, by_position: bool, metric_fn: Metric, clean_ans: Tensor,
+           corrupted_ans: Tensor, batch_size: int, progress: bool) -> Tensor:
+    B = corrupted.shape[0]
+    per_pass = max(1, batch_size // B)
+    n_cells = len(cells)
+    device = corrupted.device
+    layer, pos, head = (torch.tensor(cells[c].to_numpy(dtype=np.int64), device=device)
+                        for c in ("layer", "position", "head"))
+    out = torch.empty(n_cells, B, device=device)
+    bar = progress_bar(n_cells, progress and n_cells > per_pass, f"patching {suffix}")
+    try:
+        for start in range(0, n_cells, per_pass):
+            stop = min(start + per_pass, n_cells)
+            c = stop - start
+            hooks = []
+            for v in torch.unique(layer[start:stop]).tolist():
+                copies = (layer[start:stop] == v).nonzero()[:, 0]
+                name = f"blocks.{v}.{suffix}"
+                hooks.append((name, _patch_hook(c, B, copies, pos[start:stop][copies], head[start:stop][copies],
+                                                clean_acts[name], by_position, suffix == "attn.hook_z")))
+            with model.hooks(fwd_hooks=hooks):
+                logits = readout_logits(model, corrupted.repeat(c, 1), T, readout.repeat(c))
+            out[start:stop] = metric_fn(logits, clean_ans.repeat(c), corrupted_ans.repeat(c)).float().view(c, B)
+            bar.update(c)
+    finally:
+        bar.close()
+    return out
+
+
+def _patch_frame(short: str, cells: pd.DataFrame, patched: Tensor, clean_metric: Tensor, corrupted_metric: Tensor,
+                 per_example: bool) -> pd.DataFrame:
+    n_cells, B = patched.shape
+    if per_example:
+        denom = clean_metric - corrupted_metric
+        effect = (patched - corrupted_metric) / denom
+        effect = torch.where(denom.abs() > 0, effect, torch.full_like(effect, float("nan")))
+        out = cells.loc[cells.index.repeat(B)].reset_index(drop=True)
+        out.insert(0, "pair", np.tile(np.arange(B), n_cells))
+        out.insert(0, "hook", short)
+        out["effect"] = effect.reshape(-1).numpy()
+        out["metric"] = patched.reshape(-1).numpy()
+        out["clean_metric"] = np.tile(clean_metric.numpy(), n_cells)
+        out["corrupted_metric"] = np.tile(corrupted_metric.numpy(), n_cells)
+        return out[list(PATCH_EXAMPLE_COLUMNS)].astype(PATCH_EXAMPLE_COLUMNS)
+    m_clean, m_corr = float(clean_metric.mean()), float(corrupted_metric.mean())
+    m = patched.mean(1)
+    denom = m_clean - m_corr
+    out = cells.copy()
+    out.insert(0, "hook", short)
+    out["effect"] = ((m - m_corr) / denom).numpy() if denom != 0 else np.nan
+    out["metric"] = m.numpy()
+    out["clean_metric"] = m_clean
+    out["corrupted_metric"] = m_corr
+    out["n_pairs"] = B
+    return out[list(PATCH_COLUMNS)].astype(PATCH_COLUMNS)
