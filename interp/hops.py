@@ -123,7 +123,7 @@ def resolve_hops(lens: pd.DataFrame) -> pd.DataFrame:
     last_layer = layers[-1]
     n_virtual = int(last_layer) + 1
     counts = df.groupby(["example", "target", "position"])["layer"].nunique()
-    if bool((counts != len(layers)).any()):
+    if bool((counts != len(layers)).any()) or not np.array_equal(layers, np.arange(layers[0], layers[-1] + 1)):
         raise ValueError("resolve_hops: every (example, target, position) needs all layers of the run")
     keys = ["example", "target", "position"]
     # last layer at which the target is not top-1 (below the first layer when it always is)

@@ -99,6 +99,7 @@ def overthinking(
             raise ValueError(f"hops must have one entry per query ({n}), got {hops_t.shape[0]}")
         model._grow(N)
         for sl in chunks(n, batch_size, progress, "overthinking"):
+            model._bind(1)  # the prelude's virtual layers point at the prelude weights
             state = model.embed_tokens(tokens[sl])
             injected = state
             for t in range(N):

@@ -25,6 +25,8 @@ from interp.hops import hop_resolution_distribution
 
 SEQUENTIAL_COLORSCALE = "Viridis"
 DIVERGING_COLORSCALE = "RdBu"
+ACCURACY_COLORSCALE = PROBABILITY_COLORSCALE = SEQUENTIAL_COLORSCALE  # the same scale under the app's names
+EFFECT_COLORSCALE = DIVERGING_COLORSCALE
 UNIT_RANGE = (0.0, 1.0)
 # A qualitative palette for lines (hop depths, positions, splits).
 LINE_COLORS = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880")
