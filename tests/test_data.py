@@ -469,6 +469,35 @@ def test_load_dataset_rows_and_encoding(comp_dir, comp_gen):
     assert ds.checksum == load_dataset(comp_dir).checksum and len(ds.checksum) == 64
 
 
+def assert_same_encoding(a: EncodedSplit, b: EncodedSplit) -> None:
+    for name in ("tokens", "lengths", "answers", "hops", "bridges"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("split", ["train", "test_inferred_ood"])
+def test_byte_level_encoder_matches_the_string_parser(comp_dir, split):
+    from data.storage import _encode_jsonl_bytes
+
+    ds = load_dataset(comp_dir)
+    data = ds._read(split)
+    assert_same_encoding(_encode_jsonl_bytes(data, ds.vocab, 1), ds._encode_strings(split, data))
+
+
+def test_byte_level_encoder_refuses_other_layouts():
+    """Reordered keys or spacing would shift tokens: the fast path must hand over to json parsing."""
+    from data.storage import _encode_jsonl_bytes
+
+    v = Vocab(10, 3)
+    ours = b'{"answer":"e2","bridges":["e5"],"hops":2,"query":"e1 r0 r2"}\n'
+    enc = _encode_jsonl_bytes(ours, v, 1)
+    assert enc.tokens.tolist() == [[2, 11, 13]] and enc.answers.tolist() == [3] and enc.bridges.tolist() == [[6]]
+    reordered = b'{"query":"e1 r0 r2","answer":"e2","bridges":["e5"],"hops":2}\n'
+    assert _encode_jsonl_bytes(reordered, v, 1) is None
+    spaced = b'{"answer": "e2", "bridges": ["e5"], "hops": 2, "query": "e1 r0 r2"}\n'
+    assert _encode_jsonl_bytes(spaced, v, 1) is None
+    assert _encode_jsonl_bytes(ours.replace(b"e5", b"e50"), v, 1) is None  # out of range
+
+
 def test_encoded_split_subset(depth_dir):
     enc = load_dataset(depth_dir).encode("train")
     assert enc.bridges.shape == (len(enc), SMALL_DEPTH.max_hops - 1)
