@@ -8,8 +8,9 @@ Layout of a dataset directory::
 
 Splits are JSONL rather than Parquet: JSONL needs no pyarrow (not a dependency), diffs and greps well,
 and is readable by any tool. At these sizes (<= ~150 MB, the depth task) it is fast enough: ``encode``
-parses our own layout straight from the bytes with numpy (see ``_encode_jsonl_bytes``). All JSON is deterministic (sorted keys, fixed separators, no timestamps), so the
-same config and seed give byte-identical files.
+parses our own layout straight from the bytes with numpy (see ``_encode_jsonl_bytes``).
+All JSON is deterministic (sorted keys, fixed separators, no timestamps, no output path), so the same
+config and seed give byte-identical files.
 """
 
 from __future__ import annotations
