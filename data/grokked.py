@@ -248,8 +248,10 @@ def import_grokked(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     unknown = _fill_bridges(world, train, "train.json") + _fill_bridges(world, test, "test.json")
 
     task, target = _assign_splits(test_types)
+    # an empty split leaves no item behind; our sidecar remembers it so a round trip keeps every split
+    listed = set(sidecar.get("split_names", [])) if sidecar else set()
     names = [n for n in (COMPOSITION_SPLITS if task == "composition" else DEPTH_SPLITS)
-             if n == "train" or n in set(target)]
+             if n == "train" or n in set(target) or n in listed]
     splits = {"train": train.sorted()}
     target = np.array(target, dtype=object)
     for name in names[1:]:

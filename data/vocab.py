@@ -63,6 +63,9 @@ class Vocab:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocab) and (self.n_entities, self.n_relations) == (other.n_entities, other.n_relations)
 
+    def __hash__(self) -> int:
+        return hash((self.n_entities, self.n_relations))
+
     def __repr__(self) -> str:
         return f"Vocab(n_entities={self.n_entities}, n_relations={self.n_relations})"
 

@@ -212,3 +212,11 @@ def test_export_and_import_refuse_existing_output(built, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         import_grokked(exported, src)
     export_grokked(src, exported, overwrite=True)
+
+
+def test_round_trip_keeps_empty_splits(tmp_path):
+    cfg = COMP.replace(ood_fraction=0.0)  # no OOD facts: every OOD split is empty
+    src = build_dataset(cfg, tmp_path / "ds")
+    assert load_dataset(src).count("test_inferred_ood") == 0
+    back = import_grokked(export_grokked(src, tmp_path / "g"), tmp_path / "back")
+    assert_same_dataset(src, back)
