@@ -1,0 +1,146 @@
+"""Page furniture shared by every page: error boxes instead of tracebacks, the run picker, sliders.
+
+Every call that can fail on user input (a run directory, a checkpoint, a query) runs inside
+:func:`guard`, which turns the exception into an ``st.error`` naming what failed and what to do, and
+lets the rest of the page (and the other pages) keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import streamlit as st
+
+from app import state
+from app.runs import run_dirs_from_env, run_label, shipped_run_dir
+
+log = logging.getLogger("looplens.app")
+
+# Errors whose message is written for the user (our code raises these with the fix in the text).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, IndexError, NotADirectoryError,
+               PermissionError, UnicodeDecodeError)
+
+
+class Guard:
+    """Result of :func:`guard`: ``ok`` is False when the block failed (its error is on the page)."""
+
+    ok = True
+
+
+def error_message(err: BaseException) -> str:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return str(msg).strip() or type(err).__name__
+
+
+@contextlib.contextmanager
+def guard(what: str, hint: str = "") -> Iterator[Guard]:
+    """Run a block; on error show ``what: message`` (+ ``hint``) in the page instead of a traceback.
+
+    Streamlit's own control flow (st.stop, st.rerun) passes through: it is a BaseException.
+    """
+    result = Guard()
+    try:
+        yield result
+    except USER_ERRORS as err:
+        result.ok = False
+        st.error(f"**{what}**: {error_message(err)}" + (f"\n\n{hint}" if hint else ""), icon=":material/error:")
+    except Exception as err:  # a bug, not bad input: still no traceback in the page, but logged in full
+        result.ok = False
+        log.exception("%s failed", what)
+        st.error(f"**{what}** failed unexpectedly ({type(err).__name__}: {error_message(err)}). The rest of the "
+                 "app still works; the full traceback is in the terminal running `looplens app`.",
+                 icon=":material/bug_report:")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------
+def all_run_dirs() -> list[Path]:
+    """Runs given on the command line, then runs opened in the sidebar during this session."""
+    extra = [Path(p) for p in st.session_state.get("extra_runs", [])]
+    out = run_dirs_from_env()
+    for p in extra:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def sidebar() -> None:
+    """The sidebar every page shares: the runs (with their problems) and a box to open another."""
+    with st.sidebar:
+        st.markdown("### Runs")
+        dirs = all_run_dirs()
+        if not dirs:
+            st.info(f"No run given. Start the app with `looplens app RUN_DIR`, or open one below "
+                    f"(no shipped run at `{shipped_run_dir()}`).")
+        for path in dirs:
+            problem = state.run_problem(str(path))
+            label = run_label(path, dirs)
+            if problem:
+                st.error(f"**{label}**: {problem}", icon=":material/error:")
+            else:
+                st.caption(f":material/check_circle: **{label}** - `{path}`")
+        with st.form("open_run", clear_on_submit=True, border=False):
+            typed = st.text_input("Open another run directory", placeholder="runs/my-run", key="open_run_path",
+                                  help="A folder written by `looplens train --out`, or a folder of such runs.")
+            if st.form_submit_button("Open", icon=":material/folder_open:") and typed.strip():
+                extra = st.session_state.setdefault("extra_runs", [])
+                path = str(Path(typed.strip()).expanduser().resolve())
+                if path not in extra:
+                    extra.append(path)
+                st.rerun()
+
+
+def good_runs() -> list[Path]:
+    """The runs that open without error (their problems are shown in the sidebar)."""
+    return [p for p in all_run_dirs() if not state.run_problem(str(p))]
+
+
+def _persistent(key: str, options: list, default):
+    """Keep a widget's choice across pages: Streamlit forgets the state of widgets a page does not
+    draw, so the choice lives under ``key`` and the widget under ``_w:key``."""
+    value = st.session_state.get(key)
+    if value not in options:
+        value = default
+    st.session_state[key] = value
+    st.session_state[f"_w:{key}"] = value
+
+    def keep() -> None:
+        st.session_state[key] = st.session_state[f"_w:{key}"]
+
+    return f"_w:{key}", keep
+
+
+def pick_run(key: str = "run", label: str = "Run", prefer: str | None = None) -> Path | None:
+    """A run selector whose choice is shared by the pages; None (with a message) when there is none.
+
+    ``prefer``: a task ("composition", "depth") whose first run is the default."""
+    runs = good_runs()
+    if not runs:
+        st.warning("No usable run: give a run directory to `looplens app`, or open one in the sidebar. "
+                   "Problems with the runs given are listed in the sidebar.", icon=":material/folder_off:")
+        return None
+    labels = {run_label(p, runs): p for p in runs}
+    default = next((lbl for lbl, p in labels.items() if prefer and state.task(str(p)) == prefer), next(iter(labels)))
+    widget_key, keep = _persistent(key, list(labels), default)
+    choice = st.selectbox(label, list(labels), key=widget_key, on_change=keep,
+                          help="Runs given to `looplens app` or opened in the sidebar.")
+    return labels[choice]
+
+
+def pick_step(run_path: Path, key: str = "step", label: str = "Checkpoint (training step)") -> int | None:
+    """A slider over the run's saved checkpoint steps (the last by default); None when there is none."""
+    steps = state.checkpoint_steps(str(run_path))
+    if not steps:
+        st.warning(f"Run {run_path.name} has no checkpoints yet (training saves step_<N> files under "
+                   "checkpoints/ as it goes); pick another run or wait.", icon=":material/hourglass_empty:")
+        return None
+    if len(steps) == 1:
+        st.caption(f"{label}: {steps[0]} (the only checkpoint)")
+        return steps[0]
+    widget_key, keep = _persistent(f"{key}:{run_path}", steps, steps[-1])
+    return st.select_slider(label, options=steps, key=widget_key, on_change=keep,
+                            help="Checkpoints are log-spaced: slide left to go back to before the model grokked.")
