@@ -157,13 +157,16 @@ def _from_upstream(texts: list[str]) -> list[str]:
 
 
 def _sizes(vocab_tokens: list | None, queries: list[str], answers: list[str]) -> tuple[int, int]:
+    """(n_entities, n_relations): from vocab.json when present, else the largest index used + 1."""
     if vocab_tokens is not None:
-        ents = sorted(int(m.group(2)) for t in vocab_tokens if isinstance(t, str) and (m := _TOKEN.fullmatch(t)) and m.group(1) == "e")
-        rels = sorted(int(m.group(2)) for t in vocab_tokens if isinstance(t, str) and (m := _TOKEN.fullmatch(t)) and m.group(1) == "r")
-        for what, idx in (("entity", ents), ("relation", rels)):
-            if idx != list(range(len(idx))) or not idx:
+        numbered = [m.groups() for t in vocab_tokens if isinstance(t, str) and (m := _TOKEN.fullmatch(t))]
+        sizes = []
+        for letter, what in (("e", "entity"), ("r", "relation")):
+            idx = sorted(int(i) for kind, i in numbered if kind == letter)
+            if not idx or idx != list(range(len(idx))):
                 raise ValueError(f"import-grokked: vocab.json {what} tokens must be numbered 0..N-1 without gaps")
-        return len(ents), len(rels)
+            sizes.append(len(idx))
+        return sizes[0], sizes[1]
     tokens = " ".join(queries + answers).split()
     n_ent = 1 + max(int(t[1:]) for t in tokens if t[0] == "e")
     n_rel = 1 + max((int(t[1:]) for t in tokens if t[0] == "r"), default=0)

@@ -123,7 +123,7 @@ def composition_splits(world: World, cfg: DataConfig) -> Generated:
         raise ValueError(
             f"phi={cfg.phi} asks for {n_train} trained 2-hop facts (phi x {n_id_atomic} ID atomic facts) but only "
             f"{available} trainable ones exist after holding out {n_heldout}; lower --phi "
-            f"(at most {available / max(n_id_atomic, 1):.3f} here)"
+            f"(at most {math.floor(1000 * available / max(n_id_atomic, 1)) / 1000} here)"
         )
     ranks = sample_without_replacement(rng_for(cfg.seed, "composition/inferred"), trainable.total,
                                        n_heldout + n_train)

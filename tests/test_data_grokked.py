@@ -175,6 +175,8 @@ def test_import_keeps_rows_whose_chain_the_world_cannot_follow(tmp_path):
         (lambda d: write(d / "test.json", [{"input_text": "<e_0><r_0>", "target_text": "<e_0><r_0><e_5></a>",
                                             "type": "id_atomic"}]),
          ValueError, r"atomic fact e0 r0 has two different answers"),
+        (lambda d: write(d / "vocab.json", ["<e_0>", "<e_2>", "<r_0>", "</a>"]),
+         ValueError, r"vocab.json entity tokens must be numbered 0..N-1 without gaps"),
         (lambda d: write(d / "test.json", [{"input_text": "<r_0><e_0>", "target_text": "<r_0><e_0><e_5></a>",
                                             "type": "id_atomic"}]),
          ValueError, r"test.json: query 0 \('r0 e0'\): token 'r0' at position 0 is a relation"),
