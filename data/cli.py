@@ -30,12 +30,12 @@ _REQUIRED = {"task": "--task", "world": "--world", "entities": "--entities", "re
 EPILOG = """\
 examples:
   paper section 5 (composition, 40,000 atomic + 273,600 2-hop training facts):
-    looplens data --task composition --world random-tail --entities 2000 --relations 200 --seed 0 --out data/comp
+    looplens data --task composition --world random-tail --entities 2000 --relations 200 --seed 0 --out datasets/comp
   paper section 6 (depth, k = 2..40 hops on a permutation world):
-    looplens data --task depth --world permutation --entities 200 --relations 10 --seed 0 --out data/depth
+    looplens data --task depth --world permutation --entities 200 --relations 10 --seed 0 --out datasets/depth
   the upstream JSON format:
-    looplens data export-grokked data/comp --out grokked/comp
-    looplens data import-grokked grokked/comp --out data/comp-imported
+    looplens data export-grokked datasets/comp --out grokked/comp
+    looplens data import-grokked grokked/comp --out datasets/comp-imported
 see docs/data.md for the splits and files."""
 
 
