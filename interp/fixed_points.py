@@ -193,7 +193,7 @@ def _records_frame(records: list[tuple[str, int, int, Tensor]], example: np.ndar
     return frame({c: np.concatenate(v) for c, v in cols.items()}, FIXED_POINT_COLUMNS)
 
 
-def fixed_point_summary(fixed: pd.DataFrame, tol: float = 1e-3) -> pd.DataFrame:
+def fixed_point_summary(fixed: pd.DataFrame, tol: float | int = 1e-3) -> pd.DataFrame:
     """Per (example, position): the iteration from which the state's relative change stays below ``tol``.
 
     converged_iteration is the first t with relative_change(h_t) < tol at t and at every later iteration

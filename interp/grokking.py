@@ -53,7 +53,7 @@ def read_metrics(metrics: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
 def grokking_stages(
     metrics: pd.DataFrame | str | os.PathLike,
     *,
-    threshold: float | Mapping[str, float] = 0.9,
+    threshold: float | int | Mapping[str, float | int] = 0.9,
     splits: Mapping[str, str] | None = None,
     hops: int | None = None,
     iterations: int | None = None,

@@ -338,8 +338,8 @@ def _inputs(model: LoopedTransformer, clean: Any, corrupted: Any, clean_answers:
         pairs = clean
         clean = _pairs_tokens(pairs, "clean_tokens")
         corrupted = _pairs_tokens(pairs, "corrupted_tokens")
-        clean_answers = torch.as_tensor(pairs["clean_answer_token"].to_numpy())
-        corrupted_answers = torch.as_tensor(pairs["corrupted_answer_token"].to_numpy())
+        clean_answers = torch.tensor(pairs["clean_answer_token"].to_numpy(dtype=np.int64))
+        corrupted_answers = torch.tensor(pairs["corrupted_answer_token"].to_numpy(dtype=np.int64))
     if corrupted is None or clean_answers is None:
         raise ValueError("activation_patching needs corrupted queries and clean_answers (or a pairs frame)")
     clean_t = as_tokens(model, clean)

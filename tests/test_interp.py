@@ -21,10 +21,10 @@ from interp import (
     logit_lens,
     overthinking,
     overthinking_summary,
+    plots,
     resolve_hops,
     summarize_hops,
 )
-from interp import plots
 from models import LoopedConfig, LoopedTransformer
 
 N_ENT, N_REL = 5, 3  # vocab: pad 0, e0..e4 = 1..5, r0..r2 = 6..8
