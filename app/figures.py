@@ -47,20 +47,18 @@ def style(fig: go.Figure, height: int = 420) -> go.Figure:
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-def training_table(frames: Mapping[str, pd.DataFrame], summaries: Mapping[str, dict], splits: list[str],
+def training_table(frames: Mapping[str, pd.DataFrame], train_iterations: Mapping[str, int], splits: list[str],
                    iterations: int | str, per_hop: bool) -> pd.DataFrame:
     """Rows to plot: one per (run, split[, hops], step), hop counts pooled by their n unless ``per_hop``.
 
-    ``iterations`` "training count" keeps each run's training iteration count (summary.json, else the
-    config); training batches are always kept (they exist only at the training count).
+    ``iterations`` "training count" keeps each run's training iteration count; training batches are
+    always kept (they are logged at the count each batch used).
     """
     parts = []
     for run, frame in frames.items():
         f = frame[frame["split"].isin(splits) & (frame["iterations"] > 0)]
         if iterations == "training count":
-            train_t = summaries.get(run, {}).get("train_iterations")
-            keep = f["split"].eq("train_batch")
-            keep |= f["iterations"].eq(train_t) if train_t is not None else True
+            keep = f["split"].eq("train_batch") | f["iterations"].eq(train_iterations[run])
         else:
             keep = f["split"].eq("train_batch") | f["iterations"].eq(int(iterations))
         f = f[keep].copy()
@@ -69,6 +67,7 @@ def training_table(frames: Mapping[str, pd.DataFrame], summaries: Mapping[str, d
         f["series"] = f["split"] + (" (" + f["hops"].astype(str) + " hops)" if per_hop else "")
         f["w_acc"] = f["accuracy"] * f["n"]
         f["w_loss"] = f["loss"] * f["n"]
+        # train_batch rows of dynamic-R runs carry each batch's own count: pool them too
         g = f.groupby(["split", "series", "step"], as_index=False)[["w_acc", "w_loss", "n"]].sum()
         g["accuracy"] = g["w_acc"] / g["n"]
         g["loss"] = g["w_loss"] / g["n"]
@@ -103,7 +102,7 @@ def _split_rank(split: str) -> int:
     return SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER)
 
 
-def grokking_stages(frames: Mapping[str, pd.DataFrame], summaries: Mapping[str, dict],
+def grokking_stages(frames: Mapping[str, pd.DataFrame], train_iterations: Mapping[str, int],
                     threshold: float) -> pd.DataFrame:
     """interp.grokking_stages of every run that has the composition splits, at its training count."""
     from interp import grokking_stages as stages_of
@@ -113,8 +112,7 @@ def grokking_stages(frames: Mapping[str, pd.DataFrame], summaries: Mapping[str, 
     for run, frame in frames.items():
         if not set(DEFAULT_SPLITS.values()) <= set(frame["split"]):
             continue  # depth runs: no ID / OOD composition splits, no three stages to find
-        t = summaries.get(run, {}).get("train_iterations")
-        parts.append(stages_of(frame, threshold=threshold, iterations=t).assign(run=run))
+        parts.append(stages_of(frame, threshold=threshold, iterations=train_iterations[run]).assign(run=run))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -149,10 +147,10 @@ def curriculum(frames: Mapping[str, pd.DataFrame]) -> go.Figure:
     return style(fig, 320)
 
 
-def summary_table(summaries: Mapping[str, dict]) -> pd.DataFrame:
+def summary_table(summaries: Mapping[str, dict], descriptions: Mapping[str, dict]) -> pd.DataFrame:
     rows = []
     for run, s in summaries.items():
-        row = {"run": run, "status": s.get("status"), "stop reason": s.get("stop_reason"),
+        row = {"run": run, **descriptions.get(run, {}), "status": s.get("status"), "stop reason": s.get("stop_reason"),
                "final step": s.get("final_step", s.get("last_saved_step")),
                "learnable depth": s.get("learnable_depth")}
         for split, acc in (s.get("final_accuracy") or {}).items():
@@ -237,6 +235,7 @@ def lens_heatmap(lens: pd.DataFrame, target: str, value: str) -> go.Figure:
     if value == "rank":
         fig.update_layout(coloraxis_reversescale=True, coloraxis_cmin=0, coloraxis_colorbar_title="rank")
     fig.update_layout(title=None)
+    fig.update_yaxes(autorange="reversed")  # position 0 (the head entity) on top, as the query reads
     n_pos = lens["position"].nunique()
     return style(fig, 140 + 45 * n_pos)
 

@@ -69,6 +69,20 @@ def summary(path: str) -> dict:
     return open_run(path).summary
 
 
+def train_iterations(path: str) -> int:
+    """The iteration count the run's evaluations call "training" (models.train.TrainConfig)."""
+    return int(open_run(path).config.train_iterations)
+
+
+def describe(path: str) -> dict:
+    """Model shape and recurrence of a run, for tables and legends."""
+    cfg = open_run(path).config
+    m, r = cfg.model, cfg.recurrence
+    recurrence = "fixed" if r.mode == "fixed" else f"{r.mode} (mean {r.mean:g}, {r.min}..{r.max})"
+    return {"task": cfg.data.task, "blocks": m.n_blocks, "iterations": m.n_iterations,
+            "recurrence": recurrence, "d_model": m.d_model}
+
+
 def checkpoint_steps(path: str) -> list[int]:
     return list(open_run(path).checkpoints)
 

@@ -51,7 +51,7 @@ BUSY_JS = ("!!document.querySelector('[data-testid=\"stStatusWidget\"]') "
 
 def find_chromium() -> str | None:
     if os.environ.get("LOOPLENS_CHROMIUM"):
-        return os.environ["LOOPLENS_CHROMIUM"]
+        return shutil.which(os.environ["LOOPLENS_CHROMIUM"])
     for name in CHROMIUM_CANDIDATES:
         found = shutil.which(name)
         if found:
@@ -122,7 +122,10 @@ class Browser:
             wait_http(f"http://127.0.0.1:{port}/json/version", 30, self.proc)
             targets = json.loads(wait_http(f"http://127.0.0.1:{port}/json/list", 10, self.proc))
             page = next(t for t in targets if t.get("type") == "page")
-            self.ws = connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20, open_timeout=10)
+            # entered as a context manager: what websockets >= 16 expects, and what older versions accept
+            self._stack = contextlib.ExitStack()
+            self.ws = self._stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20,
+                                                        open_timeout=10))
         except BaseException:
             stop(self.proc)
             raise
@@ -185,7 +188,7 @@ class Browser:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.ws.close()
+            self._stack.close()
         stop(self.proc)
 
 

@@ -60,7 +60,7 @@ if table is not None and len(table):
     with ui.guard("Plotting accuracy by hops and iterations"):
         sub = table[table["split"] == split]
         summary = state.summary(path)
-        fig = figures.depth_heatmap(sub, train_iterations=summary.get("train_iterations"),
+        fig = figures.depth_heatmap(sub, train_iterations=state.train_iterations(path),
                                     learnable_depth=summary.get("learnable_depth"))
         st.plotly_chart(fig, key="depth_heatmap")
         st.caption("Dashed lines: the training iteration count (vertical) and the learnable depth the "

@@ -23,7 +23,7 @@ path = str(run_path)
 ds = None
 with ui.guard("Loading the run's dataset"):
     ds = state.dataset(path)
-    train_t = int(state.open_run(path).config.model.n_iterations)
+    train_t = state.train_iterations(path)
 if ds is None:
     st.stop()
 

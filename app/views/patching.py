@@ -23,7 +23,7 @@ path = str(run_path)
 ds = None
 with ui.guard("Loading the run's dataset"):
     ds = state.dataset(path)
-    train_t = int(state.open_run(path).config.model.n_iterations)
+    train_t = state.train_iterations(path)
 if ds is None:
     st.stop()
 
@@ -92,4 +92,5 @@ with ui.guard(f"Patching {hook_name} at step {step}"), st.spinner(f"Patching {ho
     first = effect.iloc[0]
     st.caption(f"Mean logit difference (clean answer minus corrupted answer): clean run {first['clean_metric']:.2f}, "
                f"corrupted run {first['corrupted_metric']:.2f}, over {int(first.get('n_pairs', 1))} pair(s). "
-               "Red: patching this cell restores the clean answer; blue: it pushes further away.")
+               "Blue: patching this cell restores the clean answer (1 = fully); red: it pushes the output further "
+               "towards the corrupted answer.")

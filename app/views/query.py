@@ -29,7 +29,7 @@ with ui.guard("Loading the run's dataset", "The run records where its dataset is
 if ds is None:
     st.stop()
 vocab, world = ds.vocab, ds.world
-train_t = int(cfg.model.n_iterations)
+train_t = state.train_iterations(path)
 max_hops = max(1, min(ds.max_hops + 2, 12) if cfg.model.positional == "none" else ds.max_hops)
 
 
@@ -57,13 +57,13 @@ with st.container(border=True):
         entity = int(world.tails[entity, r]) if entity is not None and world.tails[entity, r] >= 0 else None
     built = " ".join([f"e{head}", *(f"r{r}" for r in relations)])
 
-    c_text, c_split, c_draw = st.columns([3, 1.5, 1])
+    c_text, c_split, c_draw = st.columns([3, 1.5, 1.1], vertical_alignment="bottom")
     typed = c_text.text_input("...or type a query", key="query_text", placeholder=f"{built}   (entity, then relations)",
                               help="Overrides the builder above while not empty. Tokens: e<entity> then r<relation>.")
     splits = [s for s in ds.split_names if s != "train"] or ds.split_names
     split = c_split.selectbox("Example from split", splits, key="query_split",
                               index=splits.index("test_inferred_ood") if "test_inferred_ood" in splits else 0)
-    c_draw.button("Random query", on_click=_draw_example, args=(split,), icon=":material/casino:",
+    c_draw.button("Random", on_click=_draw_example, args=(split,), icon=":material/casino:",
                   help="Put a random query of this split in the text box.")
     query_text = typed.strip() or built
 

@@ -54,15 +54,15 @@ show_stages = c5.toggle("Mark grokking stages", value=True, key="training_show_s
 threshold = c6.slider("Stage threshold (accuracy)", 0.5, 1.0, 0.9, 0.01, key="training_threshold",
                       disabled=not show_stages)
 with ui.guard("Plotting the training curves"):
-    summaries = {lbl: state.summary(str(labels[lbl])) for lbl in frames}
-    table = figures.training_table(frames, summaries, splits, iterations, per_hop)
+    train_t = {lbl: state.train_iterations(str(labels[lbl])) for lbl in frames}
+    table = figures.training_table(frames, train_t, splits, iterations, per_hop)
     if table.empty:
         st.info("No rows for these splits at this iteration count; pick other splits or 'training count'.")
     else:
         fig = figures.training_curves(table, metric)
         stages = None
         with ui.guard("Finding the grokking stages (interp.grokking_stages)"):
-            stages = figures.grokking_stages(frames, summaries, threshold)
+            stages = figures.grokking_stages(frames, train_t, threshold)
             if show_stages and len(stages):
                 figures.add_grokking_stages(fig, stages)
         st.plotly_chart(fig, key="training_curves")
@@ -81,5 +81,6 @@ if depth_runs:
 
 st.subheader("Summary")
 with ui.guard("Reading summary.json"):
-    st.dataframe(figures.summary_table({lbl: state.summary(str(labels[lbl])) for lbl in chosen}),
+    st.dataframe(figures.summary_table({lbl: state.summary(str(labels[lbl])) for lbl in chosen},
+                                       {lbl: state.describe(str(labels[lbl])) for lbl in chosen}),
                  hide_index=True)
