@@ -1,1 +1,54 @@
-"""looplens analyses."""
+"""looplens analyses: scripted studies of trained runs, reports, and ``looplens reproduce``.
+
+Each study (``analyses.studies``) reads one or more run directories and returns tables (pandas) and
+figures (plotly) with a few headline numbers; :mod:`analyses.report` turns study results into a
+self-contained HTML report and a claims summary; :mod:`analyses.reproduce` trains the runs the studies
+need and runs them all, resumably. See docs/analyses.md.
+
+Imports are lazy (PEP 562) so ``import analyses.cli`` (every ``looplens`` command) stays cheap.
+
+>>> shipped_run_path().name
+'shipped_run'
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+_EXPORTS = {
+    "STUDIES": "analyses.studies",
+    "StudyOptions": "analyses.studies.base",
+    "StudyResult": "analyses.studies.base",
+    "run_study": "analyses.studies",
+    "study_names": "analyses.studies",
+    "build_report": "analyses.report",
+    "report_runs": "analyses.report",
+    "judge_claims": "analyses.claims",
+    "reproduce": "analyses.reproduce",
+    "plan_for": "analyses.reproduce",
+}
+
+__all__ = sorted([*_EXPORTS, "shipped_run_path"])
+
+
+def shipped_run_path() -> Path:
+    """Where the trained run shipped inside the package lives: ``analyses/shipped_run``.
+
+    The folder may not exist (it is produced separately); check ``.exists()`` before loading it, e.g.
+    ``models.train.load_run(shipped_run_path())``.
+    """
+    return Path(__file__).resolve().parent / "shipped_run"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'analyses' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
