@@ -61,7 +61,7 @@ def as_token_ids(model: LoopedTransformer, ids: TokenIds | None, n: int, what: s
     """One token id per query ([n], long, on the model's device); strings ("e5") go through model.vocab."""
     if ids is None:
         return None
-    if isinstance(ids, pd.Series):
+    if isinstance(ids, pd.Series) or (isinstance(ids, np.ndarray) and ids.dtype.kind in "USO"):
         ids = ids.tolist()
     if isinstance(ids, str):
         ids = [ids]

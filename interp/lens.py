@@ -66,23 +66,26 @@ Targets = TokenIds | Mapping[str, TokenIds] | None
 
 
 def hop_targets(
-    answers: TokenIds, bridges: Tensor | np.ndarray | Sequence[Sequence[int]] | None = None
-) -> dict[str, Tensor]:
+    answers: TokenIds, bridges: Tensor | np.ndarray | Sequence[Sequence[int]] | Sequence[Sequence[str]] | None = None
+) -> dict[str, Any]:
     """The chain's entities as lens targets: ``{"bridge_1": ..., "bridge_{k-1}": ..., "answer": ...}``.
 
-    ``bridges`` is [n, max_hops - 1] token ids, -1 (or 0) padded, as in ``EncodedSplit.bridges``.
+    ``bridges`` is [n, max_hops - 1] token ids, -1 (or 0) padded, as in ``EncodedSplit.bridges`` (or entity
+    strings such as "e5"); ``answers`` one id (or string) per query.
 
     >>> hop_targets(torch.tensor([7, 8]), torch.tensor([[3], [-1]]))
     {'bridge_1': tensor([ 3, -1]), 'answer': tensor([7, 8])}
     """
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     if bridges is not None:
-        b = torch.as_tensor(np.asarray(bridges) if not isinstance(bridges, Tensor) else bridges).long()
+        b = bridges if isinstance(bridges, Tensor) else np.asarray(bridges)
         if b.ndim != 2:
             raise ValueError(f"bridges must be [n, max_hops - 1], got shape {tuple(b.shape)}")
         for i in range(b.shape[1]):
-            out[f"bridge_{i + 1}"] = b[:, i]
-    out["answer"] = answers if isinstance(answers, Tensor) else torch.as_tensor(np.asarray(answers))
+            column = b[:, i]
+            out[f"bridge_{i + 1}"] = column.tolist() if isinstance(column, np.ndarray) and column.dtype.kind in "US" \
+                else torch.as_tensor(column).long()
+    out["answer"] = answers
     return out
 
 
