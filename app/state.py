@@ -74,6 +74,12 @@ def train_iterations(path: str) -> int:
     return int(open_run(path).config.train_iterations)
 
 
+def max_query_hops(path: str) -> int | None:
+    """The most relations a query may have for this run's model (its context is n_ctx tokens)."""
+    n_ctx = open_run(path).meta.get("model_config", {}).get("n_ctx")
+    return None if n_ctx is None else int(n_ctx) - 1
+
+
 def describe(path: str) -> dict:
     """Model shape and recurrence of a run, for tables and legends."""
     cfg = open_run(path).config
@@ -180,6 +186,10 @@ def parse_query(path: str, query: str) -> dict:
     ids = ds.vocab.encode(query)  # ValueError: "query 'e3 x': token 'x' at position 1 is not a known token"
     if len(ids) < 2:
         raise ValueError(f"query {query!r} has no relation: add at least one, e.g. '{query} r0'")
+    limit = max_query_hops(path)
+    if limit is not None and len(ids) - 1 > limit:
+        raise ValueError(f"query {query!r} has {len(ids) - 1} hops; this run's model reads at most {limit} "
+                         f"(its context is {limit + 1} tokens)")
     head = int(ds.vocab.entity_index(ids[0]))
     relations = [int(ds.vocab.relation_index(i)) for i in ids[1:]]
     try:

@@ -192,7 +192,7 @@ def test_query_page_bad_queries(monkeypatch, runs):
                            ("e999 r0", "'e999' at position 0 is not a known token"),
                            ("r1 e5", "is a relation; expected an entity"),
                            ("e5", "has no relation"),
-                           ("e5 r1 r2 r3 r0 r1", "")]:  # longer than the model's context
+                           ("e5 r1 r2 r3 r0 r1", "has 5 hops; this run's model reads at most 2")]:
         at.text_input(key="query_text").set_value(query).run()
         assert not at.exception, (query, at.exception)
         assert errors(at) and message in errors(at)[0], (query, errors(at))
@@ -307,3 +307,30 @@ def test_checkpoint_not_matching_its_config(monkeypatch, bad_runs):
     assert_clean(at)  # the other checkpoints still load
     at.switch_page("views/patching.py").run()
     assert not at.exception
+
+
+def test_query_leaving_a_random_tail_world(monkeypatch, tmp_path):
+    """A well-formed query whose chain has no fact at some hop is explained, not an error; the builder
+    offers only the relations an entity has."""
+    import numpy as np
+
+    from app import state
+    from data import DataConfig, build_dataset, load_dataset
+
+    cfg = DataConfig(task="composition", world="random-tail", n_entities=30, n_relations=6, out_degree=2,
+                     phi=1.0, eval_max=50)
+    ds = load_dataset(build_dataset(cfg, tmp_path / "ds"))
+    monkeypatch.setattr(state, "dataset", lambda path: ds)
+    monkeypatch.setattr(state, "max_query_hops", lambda path: 2)
+    head = 0
+    have = state.entity_relations("run", head)
+    assert len(have) == 2 and all(ds.world.tails[head, r] >= 0 for r in have)
+    missing = int(np.nonzero(ds.world.tails[head] < 0)[0][0])
+    q = state.parse_query("run", f"e{head}  r{missing} r0")
+    assert q["chain"] is None and f"e{head} has no relation r{missing}" in q["problem"]
+    bridge = int(ds.world.tails[head, have[0]])
+    r2 = state.entity_relations("run", bridge)[0]
+    q = state.parse_query("run", f"e{head} r{have[0]} r{r2}")
+    assert q["chain"] == [bridge, int(ds.world.tails[bridge, r2])] and q["problem"] is None
+    with pytest.raises(ValueError, match="'e30' at position 0 is not a known token"):
+        state.parse_query("run", "e30 r0")

@@ -25,12 +25,11 @@ ds = None
 with ui.guard("Loading the run's dataset", "The run records where its dataset is; if it moved, the app "
               "rebuilds it from the config under <runs>/.datasets/."):
     ds = state.dataset(path)
-    cfg = state.open_run(path).config
 if ds is None:
     st.stop()
 vocab, world = ds.vocab, ds.world
 train_t = state.train_iterations(path)
-max_hops = max(1, min(ds.max_hops + 2, 12) if cfg.model.positional == "none" else ds.max_hops)
+max_hops = max(1, min(state.max_query_hops(path) or ds.max_hops, 12))
 
 
 # ---- the query -------------------------------------------------------------------------------------
