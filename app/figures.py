@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -117,14 +118,18 @@ def grokking_stages(frames: Mapping[str, pd.DataFrame], train_iterations: Mappin
 
 
 def add_grokking_stages(fig: go.Figure, stages: pd.DataFrame) -> None:
-    """A dotted vertical line per reached stage and run, coloured like the stage's split."""
-    for row in stages[stages["reached"]].itertuples():
-        if int(row.step) <= 0:
-            continue  # not on a log axis
-        fig.add_vline(x=int(row.step), line_dash="dot", line_width=1.5,
-                      line_color=SPLIT_COLOURS.get(row.split, "grey"),
-                      annotation_text=f"{row.phase} ({row.run})" if stages["run"].nunique() > 1 else row.phase,
-                      annotation_textangle=-90, annotation_position="top left", annotation_font_size=10)
+    """A dotted vertical line per reached stage and run, coloured like the stage's split, labelled at
+    the top (labels of lines close together are stacked)."""
+    reached = stages[stages["reached"] & (stages["step"] > 0)].sort_values("step")  # step 0: not on a log axis
+    several = stages["run"].nunique() > 1
+    for i, row in enumerate(reached.itertuples()):
+        colour = SPLIT_COLOURS.get(row.split, "grey")
+        fig.add_vline(x=int(row.step), line_dash="dot", line_width=1.5, line_color=colour)
+        fig.add_annotation(x=float(np.log10(int(row.step))), y=1.0, yref="paper", yanchor="bottom",
+                           yshift=14 * (i % 3), showarrow=False, font={"size": 10, "color": colour},
+                           text=f"{row.phase} ({row.run})" if several else row.phase)
+    if len(reached):
+        fig.update_layout(margin={"t": 40 + 14 * min(len(reached), 3)})
 
 
 def stages_table(stages: pd.DataFrame) -> pd.DataFrame:
