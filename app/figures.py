@@ -200,7 +200,11 @@ def depth_heatmap(table: pd.DataFrame, train_iterations: int | None = None,
 # Query explorer
 # ---------------------------------------------------------------------------------------------------
 def chain_markdown(head: int, relations: list[int], chain: list[int]) -> str:
-    """``e3 -r1-> e7 -r0-> e2``, bridges in bold, the answer highlighted."""
+    """``e3 -r1-> e7 -r0-> e2``, bridges in bold, the answer highlighted (Streamlit markdown).
+
+    >>> chain_markdown(3, [1, 0], [7, 2])
+    '`e3` —`r1`→ **e7** (bridge 1) —`r0`→ :green-background[**e2**] (answer)'
+    """
     parts = [f"`e{head}`"]
     for i, (r, e) in enumerate(zip(relations, chain)):
         last = i == len(chain) - 1

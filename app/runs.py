@@ -78,6 +78,11 @@ def check_run_dir(path: Path) -> None:
 
 
 def run_label(path: Path, all_paths: list[Path]) -> str:
-    """A short unique label: the folder name, with its parent when two runs share a name."""
+    """A short unique label: the folder name, with its parent when two runs share a name.
+
+    >>> runs = [Path("sweep/a/looped"), Path("sweep/b/looped"), Path("runs/vanilla")]
+    >>> [run_label(p, runs) for p in runs]
+    ['a/looped', 'b/looped', 'vanilla']
+    """
     same = [p for p in all_paths if p.name == path.name]
     return path.name if len(same) <= 1 else f"{path.parent.name}/{path.name}"
