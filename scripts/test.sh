@@ -15,6 +15,15 @@ install_env() {  # $1 = venv dir, $2 = transformer-lens requirement
   "$1/bin/pip" install -q -e ".[dev]" "$2"
 }
 
+# Headless Chromium for the browser test of `looplens app` (Debian's package; root installs it).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "scripts/test.sh: chromium is missing (apt-get install chromium); the browser test will fail" >&2
+  fi
+fi
+
 install_env .venv "transformer-lens>=4,<5"
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -m "not tl_compat" --doctest-modules tests models data interp analyses "$@"
