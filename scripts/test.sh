@@ -29,4 +29,4 @@ install_env .venv "transformer-lens>=4,<5"
 .venv/bin/python -m pytest -q -m "not tl_compat" --doctest-modules tests models data interp analyses "$@"
 
 install_env .venv-tl39 "transformer-lens>=3.9,<4"
-.venv-tl39/bin/python -m pytest -q -m tl_compat -p no:cacheprovider
+.venv-tl39/bin/python -m pytest -q -m tl_compat -p no:cacheprovider tests/test_tl_compat.py
