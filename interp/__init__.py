@@ -4,7 +4,7 @@ Each function takes the model, the queries (token ids or strings such as "e17 r3
 cache, and returns a tidy pandas DataFrame (one row per measurement; columns documented in each
 docstring). Figure builders over those frames live in :mod:`interp.plots`. See docs/interp.md.
 
->>> from interp import logit_lens, locate_hops, activation_patching, fixed_points  # doctest: +SKIP
+>>> from interp import logit_lens, locate_hops, activation_patching, fixed_points
 """
 
 from interp._common import layer_table

@@ -146,8 +146,8 @@ def logit_lens(
     >>> from models import LoopedConfig, LoopedTransformer
     >>> m = LoopedTransformer(LoopedConfig(d_vocab=9, n_ctx=3, d_model=8, n_heads=2, n_blocks=2, seed=0))
     >>> df = logit_lens(m, torch.tensor([[1, 5, 6]]), torch.tensor([2]), n_iterations=3, progress=False)
-    >>> len(df), df.layer.min(), df.layer.max()   # embedding + 3 iterations x 2 blocks
-    (7, -1, 5)
+    >>> len(df), df.layer.tolist()   # the embedding (-1), then 3 iterations x 2 blocks
+    (7, [-1, 0, 1, 2, 3, 4, 5])
     """
     tokens = as_tokens(model, tokens)
     n = tokens.shape[0]

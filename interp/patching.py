@@ -31,6 +31,7 @@ from interp._common import (
     check_choice,
     check_n_iterations,
     check_positive_int,
+    final_state_logits,
     layer_table,
     progress_bar,
     readout_logits,
@@ -123,8 +124,8 @@ def make_patching_pairs(
     >>> from types import SimpleNamespace
     >>> world = SimpleNamespace(tails=np.array([[1, 2], [2, 0], [0, 1]]))
     >>> pairs = make_patching_pairs(world, 4, hops=2, corrupt="relation", position=2, seed=0)
-    >>> bool((pairs.clean_answer != pairs.corrupted_answer).all()), pairs.clean_tokens[0][:1]
-    (True, (1,))
+    >>> bool((pairs.clean_answer != pairs.corrupted_answer).all()), pairs.position.tolist()
+    (True, [2, 2, 2, 2])
     """
     world = getattr(source, "world", source)
     tails = getattr(world, "tails", None)
@@ -307,19 +308,23 @@ def activation_patching(
         readout = model.readout_positions(clean_t)
         if not torch.equal(readout, model.readout_positions(corrupted_t)):
             raise ValueError("clean and corrupted queries must have the same lengths (readout positions) pair by pair")
+        rows = torch.arange(B, device=clean_t.device)
         if clean_cache is None:
-            _, clean_cache = model.run_with_cache(clean_t, n_iterations=T, names_filter=lambda x: x in names)
-        # the baselines go through the same code path as the patched runs, so a full patch restores the
-        # clean metric up to float rounding of the batch size
-        clean_logits = readout_logits(model, clean_t, T, readout)
-        corrupted_logits = readout_logits(model, corrupted_t, T, readout)
+            logits, clean_cache = model.run_with_cache(clean_t, n_iterations=T, names_filter=lambda x: x in names)
+            clean_logits = logits[rows, readout]
+        else:
+            clean_logits = readout_logits(model, clean_t, T, readout)
+        # the corrupted run once: its logits, and the resid_pre of every patched layer to resume from
+        starts = [f"blocks.{v}.hook_resid_pre" for v in sorted(set(cells["layer"]))]
+        logits, corrupted_cache = model.run_with_cache(corrupted_t, n_iterations=T, names_filter=lambda x: x in starts)
+        corrupted_logits = logits[rows, readout]
         if corrupted_ans is None:
             corrupted_ans = corrupted_logits.argmax(-1)
         clean_metric = metric_fn(clean_logits, clean_ans, corrupted_ans).float()
         corrupted_metric = metric_fn(corrupted_logits, clean_ans, corrupted_ans).float()
         clean_acts = {name: clean_cache[name].to(clean_t.device) for name in names}
-        patched = _sweep(model, cells, clean_acts, corrupted_t, readout, T, suffix, by_position, metric_fn,
-                         clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
+        patched = _sweep(model, cells, clean_acts, corrupted_t, corrupted_cache, readout, T, suffix, by_position,
+                         metric_fn, clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
     return _patch_frame(short, cells, patched.cpu().double(), clean_metric.cpu().double(),
                         corrupted_metric.cpu().double(), per_example)
 
@@ -418,33 +423,73 @@ def _patch_hook(n_copies: int, B: int, copies: Tensor, pos: Tensor, head: Tensor
 
 
 def _sweep(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, Tensor], corrupted: Tensor,
-           readout: Tensor, T: int, suffix: str, by_position: bool, metric_fn: Metric, clean_ans: Tensor,
+           corrupted_cache: Any, readout: Tensor, T: int, suffix: str, by_position: bool, metric_fn: Metric, clean_ans: Tensor,
            corrupted_ans: Tensor, batch_size: int, progress: bool) -> Tensor:
+    """Metric of every patched run, [cells, pairs].
+
+    Cells are grouped by virtual layer v: the corrupted run up to layer v is the same for all of them, so it
+    is computed once (``corrupted_cache``: resid_pre of every layer) and each pass runs only layers v..end, for as
+    many cells of layer v as fit in ``batch_size`` rows (the corrupted batch repeated once per cell).
+    """
     B = corrupted.shape[0]
     per_pass = max(1, batch_size // B)
-    n_cells = len(cells)
     device = corrupted.device
     layer, pos, head = (torch.tensor(cells[c].to_numpy(dtype=np.int64), device=device)
                         for c in ("layer", "position", "head"))
-    out = torch.empty(n_cells, B, device=device)
-    bar = progress_bar(n_cells, progress and n_cells > per_pass, f"patching {suffix}")
+    layers = sorted(set(layer.tolist()))
+    injected = model.embed_tokens(corrupted)  # the loop's input; recomputed when the patch is in the prelude
+    out = torch.empty(len(cells), B, device=device)
+    bar = progress_bar(len(cells), progress and len(cells) > per_pass, f"patching {suffix}")
     try:
-        for start in range(0, n_cells, per_pass):
-            stop = min(start + per_pass, n_cells)
-            c = stop - start
-            hooks = []
-            for v in torch.unique(layer[start:stop]).tolist():
-                copies = (layer[start:stop] == v).nonzero()[:, 0]
-                name = f"blocks.{v}.{suffix}"
-                hooks.append((name, _patch_hook(c, B, copies, pos[start:stop][copies], head[start:stop][copies],
-                                                clean_acts[name], by_position, suffix == "attn.hook_z")))
-            with model.hooks(fwd_hooks=hooks):
-                logits = readout_logits(model, corrupted.repeat(c, 1), T, readout.repeat(c))
-            out[start:stop] = metric_fn(logits, clean_ans.repeat(c), corrupted_ans.repeat(c)).float().view(c, B)
-            bar.update(c)
+        for v in layers:
+            name = f"blocks.{v}.{suffix}"
+            of_layer = (layer == v).nonzero()[:, 0]
+            start_state = corrupted_cache[f"blocks.{v}.hook_resid_pre"]
+            for first in range(0, len(of_layer), per_pass):
+                idx = of_layer[first:first + per_pass]
+                c = len(idx)
+                hook = _patch_hook(c, B, torch.arange(c, device=device), pos[idx], head[idx], clean_acts[name],
+                                   by_position, suffix == "attn.hook_z")
+                with model.hooks(fwd_hooks=[(name, hook)]):
+                    logits = _run_from(model, v, start_state.repeat(c, 1, 1), injected.repeat(c, 1, 1), T,
+                                       readout.repeat(c))
+                out[idx] = metric_fn(logits, clean_ans.repeat(c), corrupted_ans.repeat(c)).float().view(c, B)
+                bar.update(c)
     finally:
         bar.close()
     return out
+
+
+def _run_from(model: LoopedTransformer, v: int, state: Float[Tensor, "batch pos d_model"],
+              injected: Float[Tensor, "batch pos d_model"], T: int, readout: Int[Tensor, " batch"]
+              ) -> Float[Tensor, "batch d_vocab"]:
+    """Readout logits of a run of T iterations resumed at virtual layer v from its resid_pre ``state``.
+
+    Follows LoopedTransformer.forward: prelude blocks, then per iteration t (input injection before block
+    0 when t >= 1, which is upstream of block 0's resid_pre), core blocks, loop.{t}.hook_state, then the coda
+    and the readout. Tested equal to full forward passes (and to transformer_lens.patching) for looped,
+    vanilla, injected and prelude/coda models.
+    """
+    cfg = model.cfg
+    P, L = cfg.n_prelude, cfg.n_blocks
+    loop_end = P + T * L
+    if v < P:
+        for w in range(v, P):
+            state = model.blocks[w](state)
+        injected = state  # the (patched) prelude output is the loop's input
+        v = P
+    if v < loop_end:
+        t, l = divmod(v - P, L)
+        for w in range(v, P + (t + 1) * L):
+            state = model.blocks[w](state)
+        state = model.loop[t].hook_state(state)
+        for t2 in range(t + 1, T):
+            state = model.iterate(state, t2, injected)
+        return final_state_logits(model, state, readout, T)
+    for w in range(v, loop_end + cfg.n_coda):  # resumed inside the coda
+        state = model.blocks[w](state)
+    rows = torch.arange(state.shape[0], device=state.device)
+    return model.unembed(model.ln_final(state[rows, readout][:, None]))[:, 0]
 
 
 def _patch_frame(short: str, cells: pd.DataFrame, patched: Tensor, clean_metric: Tensor, corrupted_metric: Tensor,
