@@ -124,6 +124,14 @@ class StudyResult:
                    list(meta["notes"]), meta.get("options", {}))
 
 
+def load_findings(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``findings`` of a saved study result (result.json only: cheap)."""
+    meta = json.loads((Path(out_dir) / "result.json").read_text(encoding="utf-8"))
+    if meta.get("format") != RESULT_FORMAT:
+        raise ValueError(f"{out_dir}: not a study result")
+    return meta["findings"]
+
+
 def write_figure_html(fig: Any, path: Path, div_id: str) -> None:
     """A standalone figure page that works offline: it loads ``plotly.min.js`` from its own folder
     (written there once). A fixed ``div_id`` keeps the file identical from one run to the next."""
@@ -303,7 +311,7 @@ def spread(values: Sequence[int], limit: int) -> list[int]:
     """At most ``limit`` values from a sorted list, evenly spread, both ends kept.
 
     >>> spread(list(range(2, 41)), 5)
-    [2, 12, 21, 31, 40]
+    [2, 12, 21, 30, 40]
     """
     values = sorted(values)
     if len(values) <= limit:

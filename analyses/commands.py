@@ -1,0 +1,191 @@
+"""`looplens study`, `looplens reproduce` and `looplens report`.
+
+    looplens study NAME --run RUN [--run RUN ...] --out DIR [--n-queries N] [--max-iterations N] ...
+    looplens study --list
+    looplens reproduce --preset smoke|tiny|paper --out DIR [--set section.key=value ...] [--dry-run]
+                       [--overwrite] [--quiet]
+    looplens report RUN [RUN ...] [--out DIR] [--studies a,b] [--png]
+
+Heavy imports (torch, pandas, plotly) happen inside the handlers so `looplens --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+STUDY_EPILOG = """\
+examples:
+  looplens study --list
+  looplens study systematic --run runs/comp-r4 --run runs/comp-vanilla --out studies/systematic
+  looplens study depth --run runs/depth-fixed --run runs/depth-dynamic --out studies/depth --max-iterations 32
+Writes DIR/result.json (headline numbers, notes), DIR/tables/*.csv, DIR/figures/*.json and *.html."""
+
+REPRODUCE_EPILOG = """\
+examples:
+  looplens reproduce --preset smoke --out runs/repro-smoke      # CI plumbing check, ~1-2 minutes on CPU
+  looplens reproduce --preset tiny --out runs/repro             # ~30 minutes on 2 CPU cores
+  looplens reproduce --preset paper --out runs/paper --set run.time_budget_minutes=600   # GPU
+  looplens reproduce --preset tiny --out runs/repro --dry-run   # list the runs and stages
+Rerun the same command after an interruption: finished stages are skipped, a half-finished training resumes.
+Report: OUT/report/index.html (offline), OUT/report/summary.md (claims, verdicts, rules)."""
+
+REPORT_EPILOG = """\
+examples:
+  looplens report runs/comp-r4                        # -> runs/comp-r4/report/
+  looplens report runs/comp-r4 runs/comp-vanilla --out reports/comp
+  looplens report analyses/shipped_run --out /tmp/shipped-report --png
+Runs every study that applies to the given runs (or --studies), then writes index.html, summary.md,
+figures/, tables/ and the study results (studies/NAME/)."""
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study options")
+    g.add_argument("--n-queries", type=int, default=None, metavar="N",
+                   help="queries sampled per split / hop count for model-level analyses (default 256)")
+    g.add_argument("--max-iterations", type=int, default=None, metavar="N",
+                   help="largest inference iteration count (depth heatmap, overthinking, halting cap; default 32)")
+    g.add_argument("--patch-pairs", type=int, default=None, metavar="N", help="activation-patching pairs (default 64)")
+    g.add_argument("--fixed-point-iterations", type=int, default=None, metavar="N",
+                   help="iterations for the fixed-point curves (default 32)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (default 0)")
+    g.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None, help="default: cpu")
+
+
+def _options(args: argparse.Namespace, base: Any = None) -> Any:
+    from analyses.studies.base import StudyOptions
+
+    base = base or StudyOptions()
+    changes = {k: getattr(args, k) for k in ("n_queries", "max_iterations", "patch_pairs", "fixed_point_iterations",
+                                              "seed", "device") if getattr(args, k, None) is not None}
+    return base.replace(progress=not getattr(args, "quiet", False), **changes)
+
+
+def register(subparsers: Any) -> None:
+    s = subparsers.add_parser(
+        "study", help="run one scripted study (tables + figures) on one or more run directories",
+        description="Run one study of the paper's claims on trained run directories and write its tables, "
+        "figures and headline numbers.", epilog=STUDY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("name", nargs="?", metavar="NAME", help="study name (see --list)")
+    s.add_argument("--list", action="store_true", help="print the studies, one line each, and exit")
+    s.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN", help="run directory (repeatable)")
+    s.add_argument("--out", metavar="DIR", help="directory to write the study result to")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bars, no notes; one line at the end")
+    _add_options(s)
+    s.set_defaults(func=study_command)
+
+    r = subparsers.add_parser(
+        "reproduce", help="train the runs, run every study, write the report (resumable)",
+        description="Reproduce the paper's claims: train the runs a preset plans (under OUT/runs), run the studies "
+        "(OUT/studies), write OUT/report/index.html and OUT/report/summary.md. Resumable: rerun to continue.",
+        epilog=REPRODUCE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--preset", required=True, choices=("smoke", "tiny", "paper"), help="which plan")
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory (created, or continued)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="trainer override applied to every run (repeatable), e.g. run.time_budget_minutes=600")
+    r.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="device for training (run.device) and the studies (default: the plan's)")
+    r.add_argument("--overwrite", action="store_true", help="delete an existing reproduce --out and start over")
+    r.add_argument("--dry-run", action="store_true", help="print the runs and stages, do nothing")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or stage lines; one line at the end")
+    r.set_defaults(func=reproduce_command)
+
+    p = subparsers.add_parser(
+        "report", help="run the applicable studies on run directories and write an HTML report + summary",
+        description="Build a report for any run directories (a shipped run included): every applicable study, "
+        "then index.html (offline), summary.md (claims and verdicts), figures/ and tables/.",
+        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", metavar="DIR", help="report directory (default: RUN/report for a single run)")
+    p.add_argument("--studies", metavar="A,B", help="comma list of studies (default: every applicable one)")
+    p.add_argument("--png", action="store_true", help="also write figures/*.png (needs headless Chromium)")
+    p.add_argument("--quiet", action="store_true", help="no progress; one line at the end")
+    _add_options(p)
+    p.set_defaults(func=report_command)
+
+
+def study_command(args: argparse.Namespace) -> int:
+    from analyses.studies import STUDIES, SUMMARIES
+
+    if args.list:
+        width = max(map(len, STUDIES))
+        for name in STUDIES:
+            print(f"{name:<{width}}  {SUMMARIES[name]}")
+        return 0
+    if not args.name:
+        raise ValueError("a study NAME is required (see looplens study --list)")
+    if args.name not in STUDIES:
+        raise ValueError(f"unknown study {args.name!r}; studies: {', '.join(STUDIES)}")
+    if not args.runs:
+        raise ValueError("at least one --run RUN is required")
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    from analyses.studies import run_study
+
+    result = run_study(args.name, args.runs, _options(args))
+    result.save(out, overwrite=True)
+    if not args.quiet:
+        for note in result.notes:
+            print(f"  {note}")
+    print(f"{out}: study {args.name} on {', '.join(result.runs)}: {len(result.tables)} tables, "
+          f"{len(result.figures)} figures")
+    return 0
+
+
+def reproduce_command(args: argparse.Namespace) -> int:
+    from analyses.reproduce import ReproduceInterrupted, plan_for, reproduce
+
+    plan = plan_for(args.preset)
+    extra = list(args.overrides)
+    options = {}
+    if args.device:
+        extra.append(f"run.device={args.device}")
+        options["device"] = args.device
+    if extra or options:
+        plan = plan.with_extra(extra, options)
+    for spec in plan.runs:  # fail early on a bad --set or a missing trainer preset
+        spec.config(plan.extra_overrides)
+    if args.dry_run:
+        print(f"reproduce preset {plan.name}: {plan.description}")
+        print(f"budget: {plan.budget}")
+        for spec in plan.runs:
+            sets = " ".join(f"--set {o}" for o in (*spec.overrides, *plan.extra_overrides))
+            print(f"  run {spec.name:<16} looplens train --preset {spec.preset} {sets}".rstrip() + f"   # {spec.role}")
+        for study, runs in plan.studies:
+            print(f"  study {study:<14} on {', '.join(runs)}")
+        print(f"  stages: {len(plan.stages())} ({', '.join(plan.stages())})")
+        return 0
+    try:
+        result = reproduce(plan, args.out, progress=not args.quiet, overwrite=args.overwrite,
+                           log=None if args.quiet else lambda line: print(line, flush=True))
+    except ReproduceInterrupted as err:
+        print(f"looplens reproduce: {err}", file=sys.stderr)
+        return 3
+    verdicts = ", ".join(f"{n}: {v}" for n, v in result.verdicts.items())
+    print(f"{result.report} ({len(result.executed)} stages run, {len(result.skipped)} skipped, "
+          f"{result.seconds:.0f} s); claims {verdicts}; summary {result.summary}")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from analyses.report import report_runs
+
+    if args.out:
+        out = Path(args.out)
+    elif len(args.runs) == 1:
+        out = Path(args.runs[0]) / "report"
+    else:
+        raise ValueError("--out is required with several runs")
+    if out.exists() and any(out.iterdir()) and not (out / "index.html").exists():
+        raise FileExistsError(f"--out {out} exists and is not a report directory; refusing to write into it")
+    studies = [s.strip() for s in args.studies.split(",") if s.strip()] if args.studies else None
+    index = report_runs(args.runs, out, studies=studies, options=_options(args), png=args.png,
+                        log=None if args.quiet else lambda line: print(line, flush=True))
+    print(f"{index} (summary: {out / 'summary.md'})")
+    return 0
