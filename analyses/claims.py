@@ -45,7 +45,7 @@ RULES = {
        f"(interp.grokking_stages): reproduced if the three stages are reached in order at strictly increasing "
        f"steps and OOD at least {GROKKING_LATE:g}x later than train; partly if train then ID are reached in order; "
        f"otherwise not reproduced. The best run counts.",
-    3: f"Answered depth at T iterations = largest k with test accuracy >= the depth threshold (0.9) for all hop "
+    3: f"Answered depth at T iterations = largest k with test accuracy >= the depth threshold (default 0.9, quoted in 'ours') for all hop "
        f"counts 2..k. (a) More inference iterations extend some run's answered depth by >= {DEPTH_EXTENSION} hop "
        f"beyond its training T; (b) the dynamic-R run's reach (best answered depth over T) exceeds every fixed-R "
        f"run's. Reproduced if (a) and (b); partly if one; otherwise not reproduced.",
@@ -218,7 +218,7 @@ def claim_1(f: Mapping[str, Any]) -> ClaimResult:
     bv = max(vanilla, key=lambda r: r["final"]["test_inferred_ood"])
     lo, va = bl["final"]["test_inferred_ood"], bv["final"]["test_inferred_ood"]
     ours = (f"looped best OOD {fmt(lo)} ({bl['run']}, R={bl['R']}); vanilla best OOD {fmt(va)} ({bv['run']}, "
-            f"{bv['virtual_layers']} layers)")
+            f"{bv['virtual_layers']} layer{'s' if bv['virtual_layers'] != 1 else ''})")
     return _result(1, judge_systematic(lo, va), ours, [bl["run"], bv["run"]], looped_ood=lo, vanilla_ood=va)
 
 
@@ -249,7 +249,8 @@ def claim_3(f: Mapping[str, Any]) -> ClaimResult:
     verdict = judge_depth(ext, max(dyn) if dyn else None, fixed)
     parts = [f"{r['run']}: learnable {fmt(r['learnable_depth'])}, answered {fmt(r['answered_depth_train_T'])} at "
              f"T={r['train_T']}, reach {r['reach']} at T={r['best_T']}" for r in runs]
-    return _result(3, verdict, "; ".join(parts), [r["run"] for r in runs])
+    thr = f"threshold {fmt(f['threshold'])}: " if f.get("threshold") is not None else ""
+    return _result(3, verdict, thr + "; ".join(parts), [r["run"] for r in runs])
 
 
 def claim_4(f: Mapping[str, Any]) -> ClaimResult:
@@ -273,7 +274,7 @@ def claim_5(f: Mapping[str, Any]) -> ClaimResult:
     judged = [(judge_halting(r["best_fixed_accuracy"], r["kl_entropy_accuracy"], r["kl_entropy_mean_iterations"],
                              r["max_iterations"], answered=bool(r["solved_hops"])), r) for r in runs]
     verdict, r = best(judged)
-    ours = (f"{r['run']} on {r['split']}: best fixed T={r['best_fixed_T']} {fmt(r['best_fixed_accuracy'])}, "
+    ours = (f"{r['run']} on {r['split']} (hops {r['solved_hops'] or 'none answered'}): best fixed T={r['best_fixed_T']} {fmt(r['best_fixed_accuracy'])}, "
             f"T={r['max_iterations']} {fmt(r['fixed_max_accuracy'])}; KL+entropy {fmt(r['kl_entropy_accuracy'])} "
             f"with {fmt(r['kl_entropy_mean_iterations'], 1)} iterations; KL only {fmt(r['kl_accuracy'])} with "
             f"{fmt(r['kl_mean_iterations'], 1)}")

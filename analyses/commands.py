@@ -50,6 +50,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-pairs", type=int, default=None, metavar="N", help="activation-patching pairs (default 64)")
     g.add_argument("--fixed-point-iterations", type=int, default=None, metavar="N",
                    help="iterations for the fixed-point curves (default 32)")
+    g.add_argument("--depth-threshold", type=float, default=None, metavar="A",
+                   help="accuracy at which a hop count counts as answered (depth study; default 0.9)")
+    g.add_argument("--halting-eps", type=float, default=None, metavar="EPS", help="KL threshold (default 0.01)")
+    g.add_argument("--halting-entropy", type=float, default=None, metavar="H",
+                   help="entropy threshold in nats (default 3.0)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (default 0)")
     g.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None, help="default: cpu")
 
@@ -58,8 +63,9 @@ def _options(args: argparse.Namespace, base: Any = None) -> Any:
     from analyses.studies.base import StudyOptions
 
     base = base or StudyOptions()
-    changes = {k: getattr(args, k) for k in ("n_queries", "max_iterations", "patch_pairs", "fixed_point_iterations",
-                                              "seed", "device") if getattr(args, k, None) is not None}
+    keys = ("n_queries", "max_iterations", "patch_pairs", "fixed_point_iterations", "depth_threshold", "halting_eps",
+            "halting_entropy", "seed", "device")
+    changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return base.replace(progress=not getattr(args, "quiet", False), **changes)
 
 
