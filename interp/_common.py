@@ -54,7 +54,7 @@ def as_tokens(model: LoopedTransformer, queries: Queries) -> Int[Tensor, "batch 
         queries = model.to_tokens(queries)
     if isinstance(queries, Sequence) and not isinstance(queries, Tensor):
         queries = torch.as_tensor(queries)
-    return model._check_tokens(queries)
+    return model.check_tokens(queries)
 
 
 def as_token_ids(model: LoopedTransformer, ids: TokenIds | None, n: int, what: str) -> Int[Tensor, " n"] | None:
@@ -193,8 +193,7 @@ def analysis_mode(model: LoopedTransformer) -> Iterator[None]:
 
 def prepare(model: LoopedTransformer, n_iterations: int) -> None:
     """Hook modules for a run of ``n_iterations`` exist and point at the right weights (what forward does)."""
-    model._grow(n_iterations)
-    model._bind(n_iterations)
+    model.prepare(n_iterations)
 
 
 def final_state_logits(

@@ -163,13 +163,25 @@ class LoopedTransformer(HookedRootModule):
         needed = self.cfg.n_virtual_layers(n_iterations)
         if len(self.blocks) >= needed and len(self.loop) >= n_iterations:
             return
+        previous = self._bound_iterations
         placeholder = self.core[0]
         while len(self.blocks) < needed:
             self.blocks.append(TransformerBlock(self.cfg, placeholder))
         while len(self.loop) < n_iterations:
             self.loop.append(IterationHooks())
-        self._bound_iterations = None
         self.setup()
+        # Bind eagerly, so step-level callers (embed_tokens -> prelude) never see placeholder weights.
+        self._bound_iterations = None
+        self._bind(previous if previous is not None else self.cfg.n_iterations)
+
+    def prepare(self, n_iterations: int) -> None:
+        """Create and bind the virtual layers of a run of ``n_iterations``.
+
+        forward() does this itself; call it before driving the loop step by step
+        (embed_tokens -> iterate -> readout) for a run of that length.
+        """
+        self._grow(self._check_iterations(n_iterations))
+        self._bind(n_iterations)
 
     def setup(self) -> None:
         """HookedRootModule.setup plus the per-iteration aliases ``loop.{t}.blocks.{l}.<hook>``.
@@ -276,6 +288,13 @@ class LoopedTransformer(HookedRootModule):
     # ------------------------------------------------------------------------------------------------
     # Input checks
     # ------------------------------------------------------------------------------------------------
+    def check_tokens(self, tokens: Any) -> Tensor:
+        """Validate token ids (or encode query strings): a [batch, pos] long tensor on the model's device.
+
+        Raises TypeError / ValueError naming the problem (dtype, shape, id range, n_ctx).
+        """
+        return self._check_tokens(tokens)
+
     def _check_tokens(self, tokens: Any) -> Tensor:
         if isinstance(tokens, str | list) and self.vocab is not None:
             tokens = self.to_tokens(tokens)

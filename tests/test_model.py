@@ -423,3 +423,13 @@ def test_bad_inputs_give_clear_errors():
         model(TOKENS, return_type="loss")
     with pytest.raises(ValueError, match="vocab"):
         model.to_tokens("e1 r2")
+
+
+def test_fresh_model_binds_prelude_weights_for_step_level_calls():
+    model = randomise(LoopedTransformer(tiny_cfg(n_prelude=1, n_coda=1)))
+    assert model.blocks[0].attn.W_Q is model.prelude[0].attn.W_Q  # before any forward
+    model.prepare(5)
+    state = model.embed_tokens(TOKENS)
+    for t in range(5):
+        state = model.iterate(state, t, None)
+    torch.testing.assert_close(model.readout(state, 5), model(TOKENS, n_iterations=5))
