@@ -208,7 +208,12 @@ def plan_for(name: str) -> Plan:
     """The plan of a reproduce preset ("smoke", "tiny" or "paper")."""
     if name not in _PLANS:
         raise ValueError(f"--preset {name!r}: unknown reproduce preset; choose one of {', '.join(PRESETS)}")
-    return _PLANS[name]()
+    try:
+        return _PLANS[name]()
+    except ValueError as err:
+        if "unknown preset" in str(err):
+            raise ValueError(f"reproduce preset {name!r} needs trainer presets this installation lacks ({err})") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------
