@@ -317,3 +317,20 @@ def test_markdown_table_escapes_pipes():
 def test_shipped_run_path():
     path = shipped_run_path()
     assert path.name == "shipped_run" and path.parent.name == "analyses"
+
+
+def test_run_copied_to_a_read_only_place_rebuilds_its_dataset_in_the_cache(runs, tmp_path, monkeypatch):
+    import shutil
+
+    import analyses.studies.base as base
+
+    shutil.copytree(runs / "comp-looped", tmp_path / "pkg" / "shipped_run")
+    meta = json.loads((tmp_path / "pkg" / "shipped_run" / "config.json").read_text())
+    meta["dataset"]["path"] = str(tmp_path / "elsewhere")  # as on the machine that trained it
+    (tmp_path / "pkg" / "shipped_run" / "config.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(base.os, "access", lambda path, mode: False)  # the package folder is read-only
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (run,) = as_runs([tmp_path / "pkg" / "shipped_run"])
+    assert Path(run.dataset.path).is_relative_to(tmp_path / "cache" / "looplens" / "datasets")
+    assert not (tmp_path / "pkg" / ".datasets").exists()
+    assert run.dataset.checksum == run.dataset_checksum

@@ -179,11 +179,36 @@ def as_runs(items: Iterable) -> list:
     from models.train import Run, load_run
 
     runs = [item if isinstance(item, Run) else load_run(item) for item in items]
+    for run in runs:
+        _dataset_where_writable(run)
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"--run: several runs share the directory name {dupes[0]!r}; studies label runs by it")
     return runs
+
+
+def _dataset_where_writable(run) -> None:
+    """A run whose dataset directory is gone rebuilds it under ``<run parent>/.datasets``; when that is not
+    writable (a run shipped inside an installed package), build it in the user cache instead."""
+    from models.train.run import data_root
+
+    if "dataset" in run.__dict__ or Path(run.meta["dataset"]["path"]).is_dir():
+        return
+    root = data_root(run.config, run.path)
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if os.access(probe, os.W_OK):
+        return
+    from data import ensure_dataset
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "looplens" / "datasets"
+    ds = ensure_dataset(run.config.data, cache)
+    if ds.checksum != run.dataset_checksum:
+        raise ValueError(f"run {run.path}: rebuilt dataset {ds.path} has checksum {ds.checksum[:12]}, the run was "
+                         f"trained on {run.dataset_checksum[:12]}")
+    run.__dict__["dataset"] = ds  # Run.dataset is a cached_property: this is its cached value
 
 
 def run_info(run) -> dict[str, Any]:
