@@ -95,18 +95,18 @@ def format_tables(frame: pd.DataFrame, max_columns: int = 16) -> str:
     accuracy and mean iterations beside the best fixed count."""
     lines = []
     fixed = frame[frame["method"] == "fixed"]
-    for split, part in fixed.groupby("split", sort=False):
-        table = part.pivot_table(index="hops", columns="iterations", values="accuracy")
+    if len(fixed):
+        table = fixed.pivot_table(index=["split", "hops"], columns="iterations", values="accuracy", sort=False)
         cols = list(table.columns)
-        if len(cols) > max_columns:  # keep the ends and an even spread between
-            step = (len(cols) - 1) / (max_columns - 1)
-            cols = sorted({cols[round(i * step)] for i in range(max_columns)})
+        if len(cols) > max_columns:  # keep both ends and an even spread between
+            stride = (len(cols) - 1) / (max_columns - 1)
+            cols = sorted({cols[round(i * stride)] for i in range(max_columns)})
             table = table[cols]
-        lines.append(f"{split}: accuracy by hops (rows) x iterations (columns)")
-        header = "hops " + "".join(f"{c:>6}" for c in cols)
-        lines.append(header)
-        for hop, values in table.iterrows():
-            lines.append(f"{hop:>4} " + "".join(f"{v:6.3f}" for v in values))
+        width = max(len(str(s)) for s in fixed["split"]) + 1
+        lines.append(f"accuracy by split and hops (rows) x iterations (columns), step {int(frame['step'].iloc[0])}")
+        lines.append(f"{'split':<{width}}{'hops':>4} " + "".join(f"{c:>6}" for c in cols))
+        for (split, hop), values in table.iterrows():
+            lines.append(f"{split:<{width}}{hop:>4} " + "".join(f"{v:6.3f}" for v in values))
         lines.append("")
     halting = frame[frame["method"] != "fixed"]
     if len(halting):
