@@ -104,6 +104,8 @@ def lines(frame: pd.DataFrame, x: str, y: str, group: str, title: str, x_title: 
     fig.update_yaxes(title_text=y_title, row=1, col=1)
     if unit:
         fig.update_yaxes(range=_Y_ACC)
+    if pd.api.types.is_integer_dtype(frame[x]) and frame[x].nunique() <= 24:
+        fig.update_xaxes(dtick=1)  # hop counts, iteration counts: no 2.5 hops
     fig.update_layout(title=title)
     return fig
 
