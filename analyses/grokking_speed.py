@@ -1,0 +1,233 @@
+"""The grokking-speed ablation ladder (issue 8): which intervention makes composition arrive sooner?
+
+Trains a grid of short runs with looplens's own trainer: one base preset, a list of interventions (each a
+set of ``section.key=value`` overrides), several seeds. Every intervention is compared against a control
+with the *same learning rate* (Grokfast raises the effective lr, so it also gets an lr-matched control:
+the control at ``lr * (1 + lambda)``). Per run it reads metrics.csv and reports the first step (and
+wall-clock seconds, pro rata of the run's measured speed) at which test_inferred_id reaches ``id_target``
+and test_inferred_ood reaches ``ood_target``; per intervention it aggregates over seeds.
+
+It also settles whether the OOD phase is a matter of optimiser steps or of epochs: each row carries both
+the step and the epoch of every milestone, and :func:`steps_or_epochs` compares batch sizes.
+
+    looplens study grokking-speed --out studies/grokking-speed --base tiny-composition --seeds 0,1,2 \
+        --max-steps 4000 --interventions control,phi-high,weight-decay,grokfast
+
+The grid is resumable: a run whose summary.json says it finished is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from data.provenance import atomic_write_text, provenance
+
+
+@dataclass(frozen=True)
+class Intervention:
+    name: str
+    overrides: tuple[str, ...]
+    description: str
+    control: str = "control"  # the lr-matched control it is compared against
+
+
+def interventions_for(base_lr: float, base_phi: float, max_phi: float | None = None) -> dict[str, Intervention]:
+    """The ladder, cheapest first. ``max_phi`` caps phi-high at what the world allows."""
+    phi_high = min(2.0 * base_phi, max_phi) if max_phi else 2.0 * base_phi
+    grokfast_lambda = 2.0
+    ladder = [
+        Intervention("control", (), "the base preset unchanged"),
+        Intervention("phi-high", (f"data.phi={phi_high:g}",), f"inferred/atomic ratio {base_phi:g} -> {phi_high:g} (Wang et al.: ID speed tracks phi)"),
+        Intervention("atomic-share-0.5", ("optim.atomic_share=0.5",), "half of each batch atomic facts"),
+        Intervention("weight-decay", ("optim.weight_decay=0.1",), "weight decay 0.1 (the paper's code)"),
+        Intervention("weight-decay-1", ("optim.weight_decay=1.0",), "weight decay 1.0"),
+        Intervention("code-regularisers", ("optim.label_smoothing=0.1", "model.dropout=0.1", "optim.weight_decay=0.1"),
+                     "label smoothing 0.1 + dropout 0.1 + wd 0.1, as the paper's code"),
+        Intervention("grokfast", ("optim.grokfast_alpha=0.98", f"optim.grokfast_lambda={grokfast_lambda:g}"),
+                     "Grokfast EMA gradient filter (alpha 0.98, lambda 2)", control="control-lr-matched"),
+        Intervention("control-lr-matched", (f"optim.lr={base_lr * (1 + grokfast_lambda):g}",),
+                     f"control at lr x (1 + lambda) = {base_lr * (1 + grokfast_lambda):g}: Grokfast's effective lr"),
+        Intervention("orthograd", ("optim.orthograd=true",), "gradients orthogonal to each weight (Prieto et al. 2025)"),
+        Intervention("stablemax", ("optim.loss=stablemax",), "StableMax cross-entropy"),
+        Intervention("nope", ("model.positional=none",), "no positional embedding (position-invariant lookups)"),
+        Intervention("zero-init", ("model.zero_init_out=true",), "attention/MLP output projections start at zero"),
+        Intervention("injection", ("model.input_injection=add",), "re-inject the embedded input every iteration"),
+        Intervention("dynamic-r", ("recurrence.mode=poisson", "recurrence.mean=4", "recurrence.min=2", "recurrence.max=8"),
+                     "dynamic recurrence clip(Poisson(4), 2, 8)"),
+    ]
+    return {i.name: i for i in ladder}
+
+
+def first_reach(metrics: pd.DataFrame, split: str, target: float, iterations: int) -> tuple[float, float]:
+    """(step, epoch) of the first evaluation where ``split`` accuracy >= target; NaNs when never."""
+    rows = metrics[(metrics["split"] == split) & (metrics["iterations"] == iterations)]
+    if "hops" in rows and rows["hops"].notna().any():
+        rows = rows.groupby(["step", "epoch"], as_index=False).apply(
+            lambda g: pd.Series({"accuracy": (g["accuracy"] * g["n"]).sum() / max(g["n"].sum(), 1)}), include_groups=False
+        )
+    hit = rows[rows["accuracy"] >= target].sort_values("step")
+    if hit.empty:
+        return math.nan, math.nan
+    return float(hit["step"].iloc[0]), float(hit["epoch"].iloc[0])
+
+
+def run_grid(
+    out: str | Path,
+    *,
+    base: str = "tiny-composition",
+    interventions: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    max_steps: int | None = None,
+    time_budget_minutes: float | None = None,
+    extra_overrides: Sequence[str] = (),
+    id_target: float = 0.9,
+    ood_target: float = 0.5,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train (or reuse) every (intervention, seed) run under ``out/runs`` and return the per-run table.
+
+    Columns: intervention, control, seed, run, steps, epochs, wall_seconds, steps_per_second,
+    steps_to_id, epochs_to_id, seconds_to_id, steps_to_ood, epochs_to_ood, seconds_to_ood,
+    final_id, final_ood, final_first_ood, final_second_ood, final_train, final_ood_atomic, overrides.
+    """
+    from models.train import load_run, preset, train
+
+    base_cfg = preset(base)
+    ladder = interventions_for(base_cfg.optim.lr, base_cfg.data.phi)
+    names = list(interventions or ladder)
+    unknown = [n for n in names if n not in ladder]
+    if unknown:
+        raise ValueError(f"unknown intervention(s) {unknown}; known: {', '.join(ladder)}")
+    for name in list(names):  # every intervention needs its control in the grid
+        if ladder[name].control not in names:
+            names.append(ladder[name].control)
+    out = Path(out)
+    rows = []
+    for name in names:
+        for seed in seeds:
+            run_dir = out / "runs" / f"{name}-s{seed}"
+            overrides = [*extra_overrides, *ladder[name].overrides, f"run.seed={seed}"]
+            if max_steps is not None:
+                overrides.append(f"run.max_steps={max_steps}")
+            if time_budget_minutes is not None:
+                overrides.append(f"run.time_budget_minutes={time_budget_minutes}")
+            cfg = base_cfg.with_overrides(overrides)
+            summary_path = run_dir / "summary.json"
+            finished = summary_path.exists() and json.loads(summary_path.read_text()).get("stop_reason") not in (None, "interrupted")
+            if not finished:
+                train(cfg, run_dir, resume=run_dir.exists(), progress=progress)
+            rows.append(_row(load_run(run_dir), name, ladder[name], seed, overrides, id_target, ood_target))
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "runs.csv", table.to_csv(index=False))
+    return table
+
+
+def _row(run, name: str, intervention: Intervention, seed: int, overrides: list[str], id_target: float,
+         ood_target: float) -> dict:
+    metrics = run.metrics
+    summary = json.loads((Path(run.path) / "summary.json").read_text())
+    T = run.config.train_iterations
+    steps = int(summary.get("final_step", metrics["step"].max()))
+    wall = float(summary.get("wall_seconds", math.nan))
+    speed = steps / wall if wall and wall > 0 else math.nan
+    s_id, e_id = first_reach(metrics, "test_inferred_id", id_target, T)
+    s_ood, e_ood = first_reach(metrics, "test_inferred_ood", ood_target, T)
+    final = summary.get("final_accuracy", {})
+    return {
+        "intervention": name, "control": intervention.control, "seed": seed, "run": str(run.path),
+        "steps": steps, "epochs": float(summary.get("epoch", math.nan)), "wall_seconds": wall, "steps_per_second": speed,
+        "steps_to_id": s_id, "epochs_to_id": e_id, "seconds_to_id": s_id / speed if speed else math.nan,
+        "steps_to_ood": s_ood, "epochs_to_ood": e_ood, "seconds_to_ood": s_ood / speed if speed else math.nan,
+        "final_id": final.get("test_inferred_id"), "final_ood": final.get("test_inferred_ood"),
+        "final_first_ood": final.get("test_inferred_first_ood"), "final_second_ood": final.get("test_inferred_second_ood"),
+        "final_train": final.get("train_inferred"), "final_ood_atomic": final.get("ood_atomic"),
+        "overrides": " ".join(overrides),
+    }
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per intervention over seeds: runs, medians of steps/seconds to each target (NaN if any seed never
+    reached it), how many seeds reached it, mean final accuracies, and the speed-up of steps-to-ID against
+    the intervention's control (control median / intervention median; > 1 means faster)."""
+    def med(s: pd.Series) -> float:
+        return float(s.median()) if s.notna().all() else math.nan
+
+    agg = table.groupby(["intervention", "control"], sort=False).agg(
+        runs=("seed", "count"),
+        id_reached=("steps_to_id", lambda s: int(s.notna().sum())),
+        steps_to_id=("steps_to_id", med), seconds_to_id=("seconds_to_id", med), epochs_to_id=("epochs_to_id", med),
+        ood_reached=("steps_to_ood", lambda s: int(s.notna().sum())),
+        steps_to_ood=("steps_to_ood", med), seconds_to_ood=("seconds_to_ood", med),
+        final_id=("final_id", "mean"), final_ood=("final_ood", "mean"), final_first_ood=("final_first_ood", "mean"),
+        final_second_ood=("final_second_ood", "mean"), final_ood_atomic=("final_ood_atomic", "mean"),
+    ).reset_index()
+    by_name = agg.set_index("intervention")
+    agg["id_speedup_vs_control"] = [
+        by_name.loc[c, "steps_to_id"] / s if c in by_name.index and s and not math.isnan(s) else math.nan
+        for c, s in zip(agg["control"], agg["steps_to_id"])
+    ]
+    return agg
+
+
+def figure(out: str | Path, table: pd.DataFrame, split: str = "test_inferred_id"):
+    """Accuracy of ``split`` over steps, one line per run, coloured by intervention."""
+    import plotly.express as px
+
+    from models.train import load_run
+
+    frames = []
+    for row in table.itertuples():
+        run = load_run(row.run)
+        m = run.metrics
+        m = m[(m["split"] == split) & (m["iterations"] == run.config.train_iterations)]
+        frames.append(m.assign(intervention=row.intervention, seed=row.seed)[["step", "accuracy", "intervention", "seed"]])
+    data = pd.concat(frames) if frames else pd.DataFrame(columns=["step", "accuracy", "intervention", "seed"])
+    fig = px.line(data, x="step", y="accuracy", color="intervention", line_group="seed",
+                  title=f"{split} accuracy over training, per intervention")
+    fig.update_layout(xaxis_title="optimizer step", yaxis_title=f"{split} accuracy", yaxis_range=[0, 1])
+    return fig
+
+
+def write_report(out: str | Path, table: pd.DataFrame, command: str) -> Path:
+    """summary.csv, summary.md (table + the exact command), and figures as standalone HTML."""
+    out = Path(out)
+    summary = summarize(table)
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    for split in ("test_inferred_id", "test_inferred_ood", "test_inferred_first_ood"):
+        html = figure(out, table, split).to_html(include_plotlyjs=True, full_html=True)
+        atomic_write_text(out / f"{split}.html", html)
+    cols = ["intervention", "control", "runs", "id_reached", "steps_to_id", "seconds_to_id", "id_speedup_vs_control",
+            "ood_reached", "steps_to_ood", "final_id", "final_first_ood", "final_second_ood", "final_ood", "final_ood_atomic"]
+    lines = [
+        "# Grokking-speed ladder",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Provenance: `{json.dumps(provenance())}`",
+        "",
+        "Steps/seconds are medians over seeds (NaN when some seed never reached the target); speed-up is the",
+        "control's steps-to-ID over the intervention's (> 1: faster). Seconds are pro rata of each run's speed.",
+        "",
+        _markdown(summary[cols]),
+    ]
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    return out / "summary.md"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.3g}"
+        return str(v)
+
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])

@@ -1,0 +1,71 @@
+"""The grokking-speed ladder: milestones from metrics, aggregation, the grid runner and its resume."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analyses import grokking_speed as gs
+
+
+def _metrics(points, split="test_inferred_id", iterations=4):
+    return pd.DataFrame(
+        [{"step": s, "epoch": s / 10, "stage": 0, "split": split, "hops": 2, "iterations": iterations,
+          "accuracy": a, "loss": 1.0, "n": 100} for s, a in points]
+    )
+
+
+def test_first_reach_reads_the_training_iteration_count_only():
+    m = pd.concat([_metrics([(0, 0.1), (100, 0.5), (200, 0.95)]), _metrics([(50, 0.99)], iterations=8)])
+    assert gs.first_reach(m, "test_inferred_id", 0.9, 4) == (200.0, 20.0)
+    assert gs.first_reach(m, "test_inferred_id", 0.9, 8) == (50.0, 5.0)
+    step, epoch = gs.first_reach(m, "test_inferred_id", 0.99, 4)
+    assert math.isnan(step) and math.isnan(epoch)
+
+
+def test_summarize_medians_reached_counts_and_speedup():
+    table = pd.DataFrame([
+        {"intervention": "control", "control": "control", "seed": s, "steps_to_id": v, "seconds_to_id": v / 10,
+         "epochs_to_id": v / 5, "steps_to_ood": math.nan, "seconds_to_ood": math.nan, "final_id": 0.9, "final_ood": 0.0,
+         "final_first_ood": 0.1, "final_second_ood": 0.0, "final_ood_atomic": 1.0} for s, v in [(0, 1000), (1, 1200), (2, 1100)]
+    ] + [
+        {"intervention": "fast", "control": "control", "seed": s, "steps_to_id": v, "seconds_to_id": v / 10,
+         "epochs_to_id": v / 5, "steps_to_ood": o, "seconds_to_ood": o / 10, "final_id": 1.0, "final_ood": 0.6,
+         "final_first_ood": 0.5, "final_second_ood": 0.2, "final_ood_atomic": 1.0}
+        for s, v, o in [(0, 500, 900), (1, 550, math.nan), (2, 600, 1000)]
+    ])
+    summary = gs.summarize(table).set_index("intervention")
+    assert summary.loc["control", "steps_to_id"] == 1100
+    assert summary.loc["fast", "steps_to_id"] == 550
+    assert summary.loc["fast", "id_speedup_vs_control"] == pytest.approx(2.0)
+    assert summary.loc["control", "id_speedup_vs_control"] == pytest.approx(1.0)
+    assert summary.loc["fast", "ood_reached"] == 2
+    assert math.isnan(summary.loc["fast", "steps_to_ood"])  # one seed never got there: no median claimed
+
+
+def test_ladder_has_lr_matched_control_for_grokfast():
+    ladder = gs.interventions_for(base_lr=1e-3, base_phi=7.2)
+    assert ladder["grokfast"].control == "control-lr-matched"
+    assert "optim.lr=0.003" in ladder["control-lr-matched"].overrides
+    assert "data.phi=14.4" in ladder["phi-high"].overrides
+
+
+def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
+    table = gs.run_grid(tmp_path, base="smoke-composition", interventions=["weight-decay-1"], seeds=[0],
+                        max_steps=40, progress=False)
+    assert set(table["intervention"]) == {"weight-decay-1", "control"}  # its control was added
+    assert (table["steps"] == 40).all()
+    summary_file = tmp_path / "runs" / "control-s0" / "summary.json"
+    before = summary_file.stat().st_mtime_ns
+    again = gs.run_grid(tmp_path, base="smoke-composition", interventions=["weight-decay-1"], seeds=[0],
+                        max_steps=40, progress=False)
+    assert summary_file.stat().st_mtime_ns == before  # finished runs are not trained again
+    pd.testing.assert_frame_equal(table, again)
+    report = gs.write_report(tmp_path, table, "looplens study grokking-speed ...")
+    text = report.read_text()
+    assert "weight-decay-1" in text and "Command:" in text
+    assert (tmp_path / "test_inferred_ood.html").exists()
+    with pytest.raises(ValueError, match="unknown intervention"):
+        gs.run_grid(tmp_path, base="smoke-composition", interventions=["magic"], progress=False)
