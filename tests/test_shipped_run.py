@@ -1,0 +1,39 @@
+"""The run shipped with looplens: its checkpoints reproduce the accuracies its metrics.csv records."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from analyses import shipped_run_path
+from models.train import evaluate, load_run
+
+RUNS = ["looped", "vanilla"]
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_shipped_checkpoints_reproduce_recorded_accuracies(name):
+    run = load_run(shipped_run_path() / name)
+    recorded = run.metrics
+    recorded = recorded[recorded["split"] != "train_batch"]
+    T = run.config.train_iterations
+    assert len(run.checkpoints) >= 3
+    for step in run.checkpoints:
+        table = evaluate(run, checkpoint=step, iterations=[T])
+        rows = recorded[(recorded["step"] == step) & (recorded["iterations"] == T)]
+        assert len(rows) >= 7, f"step {step}: metrics.csv has no evaluation at this checkpoint"
+        merged = rows.merge(table, on=["split", "hops"], suffixes=("_recorded", "_now"))
+        assert len(merged) == len(rows)
+        acc_col = "accuracy_now"
+        assert (merged["n_recorded"] == merged["n_now"]).all()
+        pd.testing.assert_series_equal(merged["accuracy_recorded"], merged[acc_col].round(6), check_names=False,
+                                       atol=1e-6, rtol=0)
+
+
+def test_shipped_pair_is_iso_flop_on_the_same_data():
+    """Looped (1 block x 4 iterations) and vanilla (4 blocks x 1) of equal compute, same dataset and seed."""
+    looped, vanilla = (load_run(shipped_run_path() / n) for n in RUNS)
+    assert (looped.config.model.n_blocks, looped.config.model.n_iterations) == (1, 4)
+    assert (vanilla.config.model.n_blocks, vanilla.config.model.n_iterations) == (4, 1)
+    assert looped.dataset_checksum == vanilla.dataset_checksum
+    assert looped.config.run.seed == vanilla.config.run.seed
