@@ -81,6 +81,12 @@ def register(subparsers: Any) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars, no notes; one line at the end")
     _add_options(s)
+    g = s.add_argument_group("grokking-speed options (the study that trains its own grid of runs)")
+    g.add_argument("--base", default="tiny-composition", metavar="PRESET", help="trainer preset the ladder starts from")
+    g.add_argument("--interventions", metavar="A,B", help="comma list (default: the whole ladder)")
+    g.add_argument("--seeds", default="0", metavar="S,S", help="comma list of training seeds (default 0)")
+    g.add_argument("--max-steps", type=int, default=None, metavar="N", help="steps per run (default: the preset's)")
+    g.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="minutes per run")
     s.set_defaults(func=study_command)
 
     r = subparsers.add_parser(
@@ -113,16 +119,44 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=report_command)
 
 
+GROKKING_SPEED = "grokking-speed"
+
+
+def grokking_speed_command(args: argparse.Namespace) -> int:
+    """`looplens study grokking-speed --out DIR [--base PRESET] [--interventions A,B] [--seeds 0,1,2] ...`"""
+    import shlex
+    import sys
+
+    from analyses import grokking_speed
+
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    names = [x.strip() for x in args.interventions.split(",")] if args.interventions else None
+    table = grokking_speed.run_grid(args.out, base=args.base, interventions=names, seeds=seeds,
+                                    max_steps=args.max_steps, time_budget_minutes=args.time_budget,
+                                    progress=not args.quiet)
+    summary = grokking_speed.write_report(args.out, table, "looplens " + shlex.join(sys.argv[1:]))
+    print(f"{summary}: {len(table)} runs")
+    return 0
+
+
 def study_command(args: argparse.Namespace) -> int:
     from analyses.studies import STUDIES, SUMMARIES
 
     if args.list:
-        width = max(map(len, STUDIES))
+        width = max(map(len, [*STUDIES, GROKKING_SPEED]))
         for name in STUDIES:
             print(f"{name:<{width}}  {SUMMARIES[name]}")
+        print(f"{GROKKING_SPEED:<{width}}  trains a grid of short runs: which intervention makes composition arrive sooner")
         return 0
     if not args.name:
         raise ValueError("a study NAME is required (see looplens study --list)")
+    if args.name == GROKKING_SPEED:
+        return grokking_speed_command(args)
     if args.name not in STUDIES:
         raise ValueError(f"unknown study {args.name!r}; studies: {', '.join(STUDIES)}")
     if not args.runs:

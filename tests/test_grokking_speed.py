@@ -69,3 +69,15 @@ def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
     assert (tmp_path / "test_inferred_ood.html").exists()
     with pytest.raises(ValueError, match="unknown intervention"):
         gs.run_grid(tmp_path, base="smoke-composition", interventions=["magic"], progress=False)
+
+
+def test_study_cli_grokking_speed(tmp_path, capsys):
+    from analyses.cli import main
+
+    out = tmp_path / "gs"
+    assert main(["study", "grokking-speed", "--out", str(out), "--base", "smoke-composition",
+                 "--interventions", "nope", "--seeds", "0", "--max-steps", "30", "--quiet"]) == 0
+    assert (out / "summary.md").exists() and (out / "runs" / "nope-s0").exists() and (out / "runs" / "control-s0").exists()
+    assert main(["study", "grokking-speed", "--out", str(out), "--seeds", "x"]) == 2
+    assert main(["study", "--list"]) == 0
+    assert "grokking-speed" in capsys.readouterr().out
