@@ -1,6 +1,7 @@
 """Package trained runs as looplens's shipped run (analyses/shipped_run/), for maintainers.
 
-    python scripts/ship_run.py SRC_PARENT --runs looped vanilla [--max-checkpoints 5]
+    python scripts/ship_run.py SRC_PARENT --runs looped vanilla --final-only vanilla
+    looplens report analyses/shipped_run/looped analyses/shipped_run/vanilla --out analyses/shipped_run/report
 
 Copies each SRC_PARENT/<run> (config.json, metrics.csv, summary.json) and a handful of its checkpoints
 (step 0, the first evaluated checkpoint at or after each grokking stage at 50% and 95%, the last) into analyses/shipped_run/<run>,
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--dest", type=Path, default=ROOT / "analyses" / "shipped_run")
     ap.add_argument("--max-checkpoints", type=int, default=4)
+    ap.add_argument("--final-only", nargs="*", default=[], metavar="RUN",
+                    help="runs that ship only their final checkpoint (the 20 MB package budget)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.95])
     args = ap.parse_args()
 
@@ -65,6 +68,8 @@ def main() -> int:
         evaluated = set(pd.read_csv(src / "metrics.csv").query("split != 'train_batch'")["step"])
         available = sorted(saved & evaluated)  # only checkpoints whose accuracies metrics.csv records
         keep = pick_checkpoints(available, stage_steps(src, iterations, args.thresholds), args.max_checkpoints)
+        if name in args.final_only:
+            keep = [available[-1]]
         dst = args.dest / name
         (dst / "checkpoints").mkdir(parents=True)
         for file in ("config.json", "metrics.csv", "summary.json"):

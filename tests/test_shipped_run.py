@@ -17,7 +17,8 @@ def test_shipped_checkpoints_reproduce_recorded_accuracies(name):
     recorded = run.metrics
     recorded = recorded[recorded["split"] != "train_batch"]
     T = run.config.train_iterations
-    assert len(run.checkpoints) >= 3
+    # the looped run keeps a checkpoint per grokking stage; its vanilla counterpart only its final model
+    assert len(run.checkpoints) >= (4 if name == "looped" else 1)
     for step in run.checkpoints:
         table = evaluate(run, checkpoint=step, iterations=[T])
         rows = recorded[(recorded["step"] == step) & (recorded["iterations"] == T)]
