@@ -34,10 +34,11 @@ __all__ = sorted([*_EXPORTS, "shipped_run_path"])
 
 
 def shipped_run_path() -> Path:
-    """Where the trained run shipped inside the package lives: ``analyses/shipped_run``.
+    """Where the trained runs shipped inside the package live: ``analyses/shipped_run``.
 
-    The folder may not exist (it is produced separately); check ``.exists()`` before loading it, e.g.
-    ``models.train.load_run(shipped_run_path())``.
+    The folder holds run directories (``looped/``, ``vanilla/``) and their ``report/``; it may not exist
+    (it is produced separately), so check ``.exists()`` first, e.g.
+    ``models.train.load_run(shipped_run_path() / "looped")``. ``looplens report`` accepts the folder itself.
     """
     return Path(__file__).resolve().parent / "shipped_run"
 

@@ -36,9 +36,10 @@ REPORT_EPILOG = """\
 examples:
   looplens report runs/comp-r4                        # -> runs/comp-r4/report/
   looplens report runs/comp-r4 runs/comp-vanilla --out reports/comp
-  looplens report analyses/shipped_run --out /tmp/shipped-report --png
+  looplens report analyses/shipped_run --out /tmp/shipped-report --png    # a folder of runs
 Runs every study that applies to the given runs (or --studies), then writes index.html, summary.md,
-figures/, tables/ and the study results (studies/NAME/)."""
+figures/, tables/ and the study results (studies/NAME/). A RUN that is a folder of run directories
+stands for every run inside it."""
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -110,7 +111,7 @@ def register(subparsers: Any) -> None:
         description="Build a report for any run directories (a shipped run included): every applicable study, "
         "then index.html (offline), summary.md (claims and verdicts), figures/ and tables/.",
         epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders of run directories")
     p.add_argument("--out", metavar="DIR", help="report directory (default: RUN/report for a single run)")
     p.add_argument("--studies", metavar="A,B", help="comma list of studies (default: every applicable one)")
     p.add_argument("--png", action="store_true", help="also write figures/*.png (needs headless Chromium)")
@@ -213,6 +214,17 @@ def reproduce_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def expand_runs(paths: list[str]) -> list[Path]:
+    """Run directories from the arguments: a run directory itself, or a folder of run directories (every
+    direct subdirectory with a config.json, e.g. analyses/shipped_run/)."""
+    out = []
+    for text in paths:
+        path = Path(text)
+        inside = sorted(p for p in path.iterdir() if (p / "config.json").is_file()) if path.is_dir() else []
+        out.extend(inside if not (path / "config.json").exists() and inside else [path])
+    return out
+
+
 def report_command(args: argparse.Namespace) -> int:
     from analyses.report import report_runs
 
@@ -225,7 +237,7 @@ def report_command(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not (out / "index.html").exists():
         raise FileExistsError(f"--out {out} exists and is not a report directory; refusing to write into it")
     studies = [s.strip() for s in args.studies.split(",") if s.strip()] if args.studies else None
-    index = report_runs(args.runs, out, studies=studies, options=_options(args), png=args.png,
+    index = report_runs(expand_runs(args.runs), out, studies=studies, options=_options(args), png=args.png,
                         log=None if args.quiet else lambda line: print(line, flush=True))
     print(f"{index} (summary: {out / 'summary.md'})")
     return 0

@@ -334,3 +334,12 @@ def test_run_copied_to_a_read_only_place_rebuilds_its_dataset_in_the_cache(runs,
     assert Path(run.dataset.path).is_relative_to(tmp_path / "cache" / "looplens" / "datasets")
     assert not (tmp_path / "pkg" / ".datasets").exists()
     assert run.dataset.checksum == run.dataset_checksum
+
+
+def test_report_cli_on_a_folder_of_runs(runs, tmp_path, capsys):
+    """A folder of run directories (like analyses/shipped_run/) stands for every run inside it."""
+    out = tmp_path / "r"
+    assert main(["report", str(runs), "--out", str(out), "--studies", "systematic", "--quiet", *SMALL]) == 0
+    result = StudyResult.load(out / "studies" / "systematic")
+    assert sorted(result.runs) == ["comp-looped", "comp-vanilla"]
+    assert "depth-dynamic" in (out / "summary.md").read_text()  # listed among the runs
