@@ -145,10 +145,10 @@ def _tiny() -> Plan:
         RunSpec("comp-looped", comp, ("run.time_budget_minutes=7.5",), f"looped R={R} (the preset)"),
         RunSpec("comp-vanilla", comp, (*_iso_flop(comp, R), "run.time_budget_minutes=7.5"),
                 f"vanilla, iso-FLOP with R={R}"),
-        RunSpec("comp-random-tail", comp, ("data.world=random-tail", "run.max_steps=1500", "run.time_budget_minutes=2.5"),
+        RunSpec("comp-random-tail", comp, ("data.world=random-tail", "run.max_steps=1200", "run.time_budget_minutes=2"),
                 "looped, random-tail world, short (shortcut study)"),
-        RunSpec("depth-fixed", depth, ("run.time_budget_minutes=4.5",), "fixed R (the preset's)"),
-        RunSpec("depth-dynamic", depth, ("recurrence.mode=poisson", "run.time_budget_minutes=4.5"),
+        RunSpec("depth-fixed", depth, ("run.time_budget_minutes=6",), "fixed R (the preset's)"),
+        RunSpec("depth-dynamic", depth, ("recurrence.mode=poisson", "run.time_budget_minutes=6"),
                 "dynamic R = clip(Poisson(4), 2, 8)"),
     )
     studies = (
@@ -167,7 +167,7 @@ def _tiny() -> Plan:
                 "one dynamic-R depth curriculum run, each capped in wall-clock time. Enough to see memorisation "
                 "and ID composition, learnable depth and overthinking on a CPU; OOD composition needs far longer "
                 "training than this budget, so claim 1 and the OOD stage of claim 2 are expected not to reproduce.",
-                "about 30 minutes on 2 CPU cores (runs capped at 7.5 + 7.5 + 2.5 + 4.5 + 4.5 minutes)")
+                "about 30 minutes on 2 CPU cores (runs capped at 7.5 + 7.5 + 2 + 6 + 6 minutes)")
 
 
 def _paper() -> Plan:
