@@ -113,6 +113,12 @@ class MetricsLog:
         self.pending: list[str] = []
         if not path.exists():
             atomic_write_text(path, ",".join(METRICS_COLUMNS) + "\n")
+        self.rows = self._count_rows()
+
+    def _count_rows(self) -> int:
+        """Complete data rows in the file (header and a partial last line excluded)."""
+        with open(self.path, "rb") as fh:
+            return max(fh.read().count(b"\n") - 1, 0)
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         self.pending.extend(format_row(r) for r in rows)
@@ -124,6 +130,7 @@ class MetricsLog:
             fh.write("".join(self.pending))
             fh.flush()
             os.fsync(fh.fileno())
+        self.rows += len(self.pending)
         self.pending.clear()
 
     def size(self) -> int:
@@ -136,6 +143,7 @@ class MetricsLog:
             raise ValueError(f"{self.path} is shorter ({self.size()} bytes) than the saved state says ({n_bytes}); "
                              "the run directory was modified")
         os.truncate(self.path, n_bytes)
+        self.rows = self._count_rows()
 
 
 def read_metrics(path: Path) -> pd.DataFrame:

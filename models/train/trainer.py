@@ -199,7 +199,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def _new_optimizer(self) -> torch.optim.AdamW:
-        return make_optimizer(self.model, self.cfg.optim)
+        return make_optimizer(self.model, self.cfg.optim, fused=self.device.type == "cuda")
 
     def _new_batch_sampler(self) -> BatchSampler:
         top = self.stage if self.cfg.curriculum.enabled else None
@@ -354,6 +354,7 @@ class Trainer:
             "rng": _rng_states(),
             "window": dict(self.window),
             "metrics_bytes": self.metrics.size(),
+            "metrics_rows": self.metrics.rows,
             "dataset_checksum": self.dataset.checksum,
         }
         buf = io.BytesIO()
@@ -362,7 +363,7 @@ class Trainer:
         self.last_state_step = self.step
 
     def load_state(self) -> None:
-        state = torch.load(self.paths.state, map_location=self.device, weights_only=True)
+        state = torch.load(self.paths.state, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"{self.paths.state}: not a looplens training state")
         if state["dataset_checksum"] != self.dataset.checksum:
@@ -390,6 +391,9 @@ class Trainer:
         self.window["loss"] = self.window["loss"].to(self.device)
         self.window["correct"] = self.window["correct"].to(self.device)
         self.metrics.truncate(int(state["metrics_bytes"]))
+        if self.metrics.rows != int(state["metrics_rows"]):
+            raise ValueError(f"{self.paths.metrics}: {self.metrics.rows} rows after truncation, the saved state "
+                             f"says {state['metrics_rows']}; the run directory was modified")
         self.last_state_step = self.step
 
     def write_summary(self, status: str, wall: float, steps_done: int) -> None:
