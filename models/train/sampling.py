@@ -130,7 +130,7 @@ class IterationSampler:
     """The recurrence R of each training batch.
 
     >>> from models.train.config import RecurrenceConfig
-    >>> s = IterationSampler(RecurrenceConfig(mode="poisson", mean=4, min=2, max=8), fixed=4, seed=0)
+    >>> s = IterationSampler(RecurrenceConfig(mode="poisson", mean=4.0, min=2, max=8), fixed=4, seed=0)
     >>> draws = [s.sample() for _ in range(1000)]
     >>> min(draws) >= 2 and max(draws) <= 8
     True
