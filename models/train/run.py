@@ -170,11 +170,11 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 # -------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """A run directory opened for reading.
+    """A run directory opened for reading. Example (needs a trained run; tests/test_train_run.py)::
 
-    >>> run = load_run("runs/tiny")                     # doctest: +SKIP
-    >>> run.metrics.query("split == 'test_inferred_ood'")  # doctest: +SKIP
-    >>> model = run.load_model("final")                  # doctest: +SKIP
+        run = load_run("runs/tiny")
+        run.metrics.query("split == 'test_inferred_ood'")
+        model = run.load_model("final")
     """
 
     path: Path

@@ -585,9 +585,11 @@ def train(cfg: TrainConfig | None, out_dir: str | Path, resume: bool = False, ov
 
     On CPU, torch runs with ``run.threads`` threads for the duration of the call (restored after).
 
-    >>> from models.train import TrainConfig, train, preset                # doctest: +SKIP
-    >>> result = train(preset("smoke-composition"), "runs/smoke")          # doctest: +SKIP
-    >>> result.final["test_inferred_id"]                                   # doctest: +SKIP
+    Example (trains and writes a run directory, so not a doctest; tests/test_train_run.py covers it)::
+
+        from models.train import preset, train
+        result = train(preset("smoke-composition"), "runs/smoke")
+        result.final["test_inferred_id"]
     """
     out = Path(out_dir)
     _check_out_dir(out, resume, overwrite)
