@@ -186,7 +186,7 @@ def test_out_must_be_a_matching_reproduction(tmp_path):
 
 
 def test_plans_are_consistent():
-    for name in ("smoke", "paper"):
+    for name in ("smoke", "tiny", "paper"):
         plan = plan_for(name)
         for spec in plan.runs:
             spec.config()  # every preset exists and every override applies
