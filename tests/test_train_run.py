@@ -213,6 +213,7 @@ def test_curriculum_advances_and_records_learnable_depth(tmp_path, monkeypatch):
     passed = m[m.split == "stage_passed"]
     assert passed[["step", "hops"]].values.tolist() == [[50, 2], [100, 3], [150, 4]]
     assert sorted(set(m[m.split == "test"].stage)) == [2, 3, 4]
+    assert m.epoch.is_monotonic_increasing  # epochs add up over stages (each stage has a new sampler)
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["learnable_depth"] == 4 and summary["status"] == "finished"
 

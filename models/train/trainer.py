@@ -175,6 +175,7 @@ class Trainer:
         self.stage = cfg.curriculum.start if cfg.curriculum.enabled else 0
         self.stage_start_step = 0
         self.stages_passed: list[dict[str, Any]] = []
+        self.epoch_offset = 0.0  # epochs of earlier curriculum stages (each stage has its own sampler)
 
         # --- model and optimisation ---------------------------------------------------------------------
         random.seed(cfg.run.seed)
@@ -212,7 +213,7 @@ class Trainer:
 
     @property
     def epoch(self) -> float:
-        return round(self.batches.epoch, 4)
+        return round(self.epoch_offset + self.batches.epoch, 4)
 
     def _lr(self) -> float:
         start = self.stage_start_step if (self.cfg.curriculum.enabled and self.cfg.curriculum.reset_optimizer) else 0
@@ -296,6 +297,7 @@ class Trainer:
                 else:
                     self.stage += 1
                     self.stage_start_step = self.step
+                    self.epoch_offset += self.batches.epoch
                     self.batches = self._new_batch_sampler()
                     if cfg.curriculum.reset_optimizer:
                         self.optimizer = self._new_optimizer()
@@ -344,6 +346,7 @@ class Trainer:
             "step": self.step,
             "stage": self.stage,
             "stage_start_step": self.stage_start_step,
+            "epoch_offset": self.epoch_offset,
             "stages_passed": self.stages_passed,
             "stop_reason": self.stop_reason,
             "model": self.model.state_dict(),
@@ -372,6 +375,7 @@ class Trainer:
         self.step = int(state["step"])
         self.stage = int(state["stage"])
         self.stage_start_step = int(state["stage_start_step"])
+        self.epoch_offset = float(state.get("epoch_offset", 0.0))  # states saved before this field existed
         self.stages_passed = list(state["stages_passed"])
         self.stop_reason = state["stop_reason"]
         self.model.load_state_dict(state["model"])
