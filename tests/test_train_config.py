@@ -119,3 +119,11 @@ def test_paper_presets_match_paper_values():
     assert depth.optim.label_smoothing == 0.0
     dyn = preset("paper-depth-dynamic").recurrence
     assert (dyn.mode, dyn.mean, dyn.min, dyn.max) == ("poisson", 4.0, 2, 8)
+
+
+def test_integers_in_toml_are_accepted_for_float_fields(tmp_path):
+    path = tmp_path / "ints.toml"
+    path.write_text("[optim]\nlr = 1\nbetas = [0, 0]\n[recurrence]\nmode = \"poisson\"\nmean = 4\n")
+    cfg = TrainConfig.from_toml(path)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.recurrence.mean == 4.0
+    assert cfg.optim.betas == [0.0, 0.0]

@@ -393,7 +393,7 @@ class TrainConfig:
             bad = sorted(set(values) - set(valid))
             if bad:
                 raise ValueError(f"unknown key {bad[0]!r} in section [{name}]; valid keys: {', '.join(valid)}")
-            sections[name] = kind(**values)
+            sections[name] = kind(**{k: _coerce(v, field_type(name, k)) for k, v in values.items()})
         return cls(**sections)
 
     @classmethod
@@ -445,6 +445,16 @@ def _section_dict(section: Any) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple) else value
+
+
+def _coerce(value: Any, type_text: str) -> Any:
+    """TOML and JSON write 4 for 4.0: give float fields floats (so a type-checked dataclass accepts them)."""
+    options = {t.strip() for t in type_text.split("|")}
+    if "float" in options and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if "list[float]" in options and isinstance(value, list | tuple):
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
 def section_keys(section: str) -> list[str]:

@@ -96,7 +96,9 @@ def format_tables(frame: pd.DataFrame, max_columns: int = 16) -> str:
     lines = []
     fixed = frame[frame["method"] == "fixed"]
     if len(fixed):
-        table = fixed.pivot_table(index=["split", "hops"], columns="iterations", values="accuracy", sort=False)
+        table = fixed.pivot_table(index=["split", "hops"], columns="iterations", values="accuracy")
+        order = list(dict.fromkeys(zip(fixed["split"], fixed["hops"])))  # the frame's order: splits, then hops
+        table = table.reindex(pd.MultiIndex.from_tuples(order, names=["split", "hops"]))
         cols = list(table.columns)
         if len(cols) > max_columns:  # keep both ends and an even spread between
             stride = (len(cols) - 1) / (max_columns - 1)
