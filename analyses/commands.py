@@ -88,6 +88,11 @@ def register(subparsers: Any) -> None:
     g.add_argument("--seeds", default="0", metavar="S,S", help="comma list of training seeds (default 0)")
     g.add_argument("--max-steps", type=int, default=None, metavar="N", help="steps per run (default: the preset's)")
     g.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="minutes per run")
+    g.add_argument("--png", action="store_true", help="also write PNG figures (needs headless Chromium)")
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs trained at once, one process each (CPU: one thread each; GPU: sharing the device)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="trainer override applied to every run before the intervention's own (repeatable)")
     s.set_defaults(func=study_command)
 
     r = subparsers.add_parser(
@@ -137,10 +142,15 @@ def grokking_speed_command(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
     names = [x.strip() for x in args.interventions.split(",")] if args.interventions else None
+    extra = list(args.overrides)
+    if args.device is not None:
+        extra.append(f"run.device={args.device}")
+    if args.jobs > 1:  # one CPU thread per run process (ignored for CUDA training)
+        extra.append("run.threads=1")
     table = grokking_speed.run_grid(args.out, base=args.base, interventions=names, seeds=seeds,
                                     max_steps=args.max_steps, time_budget_minutes=args.time_budget,
-                                    progress=not args.quiet)
-    summary = grokking_speed.write_report(args.out, table, "looplens " + shlex.join(sys.argv[1:]))
+                                    extra_overrides=extra, jobs=args.jobs, progress=not args.quiet)
+    summary = grokking_speed.write_report(args.out, table, "looplens " + shlex.join(sys.argv[1:]), png=args.png)
     print(f"{summary}: {len(table)} runs")
     return 0
 

@@ -37,12 +37,21 @@ class Intervention:
     control: str = "control"  # the lr-matched control it is compared against
 
 
-def interventions_for(base_lr: float, base_phi: float, max_phi: float | None = None) -> dict[str, Intervention]:
-    """The ladder, cheapest first. ``max_phi`` caps phi-high at what the world allows."""
+def interventions_for(base_lr: float, base_phi: float, base_batch: int = 256, base_depth: int = 4,
+                      max_phi: float | None = None) -> dict[str, Intervention]:
+    """The ladder, cheapest first. ``base_depth`` is the base model's blocks x iterations (the vanilla
+    baseline's layer count, iso-FLOP); ``max_phi`` caps phi-high at what the world allows."""
     phi_high = min(2.0 * base_phi, max_phi) if max_phi else 2.0 * base_phi
     grokfast_lambda = 2.0
     ladder = [
         Intervention("control", (), "the base preset unchanged"),
+        Intervention("vanilla", (f"model.n_blocks={base_depth}", "model.n_iterations=1"),
+                     f"iso-FLOP vanilla baseline: {base_depth} distinct blocks run once"),
+        Intervention("supervise-from-hops", ("recurrence.supervise=from_hops",),
+                     "answer loss after every iteration t >= the query's hop count (one hop per iteration)"),
+        Intervention("batch-4x", (f"optim.batch_size={4 * base_batch}",),
+                     f"batch {base_batch} -> {4 * base_batch}, same lr: 4x the epochs per step (steps or epochs?)"),
+        Intervention("lr-half", (f"optim.lr={base_lr / 2:g}",), f"lr {base_lr:g} -> {base_lr / 2:g}"),
         Intervention("phi-high", (f"data.phi={phi_high:g}",), f"inferred/atomic ratio {base_phi:g} -> {phi_high:g} (Wang et al.: ID speed tracks phi)"),
         Intervention("atomic-share-0.5", ("optim.atomic_share=0.5",), "half of each batch atomic facts"),
         Intervention("weight-decay", ("optim.weight_decay=0.1",), "weight decay 0.1 (the paper's code)"),
@@ -88,18 +97,26 @@ def run_grid(
     extra_overrides: Sequence[str] = (),
     id_target: float = 0.9,
     ood_target: float = 0.5,
+    jobs: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Train (or reuse) every (intervention, seed) run under ``out/runs`` and return the per-run table.
+
+    ``jobs`` > 1 trains that many runs at once, each in its own process (spawned; on CPU give each one
+    thread with ``extra_overrides=["run.threads=1"]``; on a GPU the runs share the device). Progress bars
+    are off for parallel runs. ``extra_overrides`` apply to every run before the intervention's own.
 
     Columns: intervention, control, seed, run, steps, epochs, wall_seconds, steps_per_second,
     steps_to_id, epochs_to_id, seconds_to_id, steps_to_ood, epochs_to_ood, seconds_to_ood,
     final_id, final_ood, final_first_ood, final_second_ood, final_train, final_ood_atomic, overrides.
     """
-    from models.train import load_run, preset, train
+    from models.train import load_run, preset
 
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     base_cfg = preset(base)
-    ladder = interventions_for(base_cfg.optim.lr, base_cfg.data.phi)
+    ladder = interventions_for(base_cfg.optim.lr, base_cfg.data.phi, base_cfg.optim.batch_size,
+                               base_cfg.model.n_blocks * base_cfg.train_iterations)
     names = list(interventions or ladder)
     unknown = [n for n in names if n not in ladder]
     if unknown:
@@ -108,25 +125,44 @@ def run_grid(
         if ladder[name].control not in names:
             names.append(ladder[name].control)
     out = Path(out)
-    rows = []
+    grid = []
     for name in names:
         for seed in seeds:
-            run_dir = out / "runs" / f"{name}-s{seed}"
             overrides = [*extra_overrides, *ladder[name].overrides, f"run.seed={seed}"]
             if max_steps is not None:
                 overrides.append(f"run.max_steps={max_steps}")
             if time_budget_minutes is not None:
                 overrides.append(f"run.time_budget_minutes={time_budget_minutes}")
-            cfg = base_cfg.with_overrides(overrides)
-            summary_path = run_dir / "summary.json"
-            finished = summary_path.exists() and json.loads(summary_path.read_text()).get("stop_reason") not in (None, "interrupted")
-            if not finished:
-                train(cfg, run_dir, resume=run_dir.exists(), progress=progress)
-            rows.append(_row(load_run(run_dir), name, ladder[name], seed, overrides, id_target, ood_target))
+            grid.append((name, seed, out / "runs" / f"{name}-s{seed}", base_cfg.with_overrides(overrides), overrides))
+    todo = [(cfg, run_dir) for _, _, run_dir, cfg, _ in grid if not _finished(run_dir)]
+    if jobs == 1 or len(todo) <= 1:
+        for cfg, run_dir in todo:
+            _train_one(cfg, run_dir, progress)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(_train_one, cfg, run_dir, False) for cfg, run_dir in todo]:
+                future.result()  # re-raises a run's error here
+    rows = [_row(load_run(run_dir), name, ladder[name], seed, overrides, id_target, ood_target)
+            for name, seed, run_dir, _, overrides in grid]
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
     return table
+
+
+def _finished(run_dir: Path) -> bool:
+    summary_path = run_dir / "summary.json"
+    return summary_path.exists() and json.loads(summary_path.read_text()).get("stop_reason") not in (None, "interrupted")
+
+
+def _train_one(cfg, run_dir: Path, progress: bool) -> None:
+    """Train (or continue) one grid run; top level so a spawned worker process can run it."""
+    from models.train import train
+
+    train(cfg, run_dir, resume=run_dir.exists(), progress=progress)
 
 
 def _row(run, name: str, intervention: Intervention, seed: int, overrides: list[str], id_target: float,
@@ -176,33 +212,84 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
-def figure(out: str | Path, table: pd.DataFrame, split: str = "test_inferred_id"):
-    """Accuracy of ``split`` over steps, one line per run, coloured by intervention."""
+def steps_or_epochs(table: pd.DataFrame, a: str = "control", b: str = "batch-4x") -> pd.DataFrame:
+    """Is a milestone a matter of optimiser steps or of epochs? Compares two interventions that differ in
+    batch size only (default: the control and ``batch-4x``), per milestone (ID, OOD): the median steps and
+    epochs to reach it in each, and their ratios b / a. A steps ratio near 1 means the milestone is a
+    matter of steps (more data per step does not help); an epochs ratio near 1 means it is a matter of
+    epochs (a 4x batch gets there in ~1/4 of the steps). Empty when either intervention is missing."""
+    have = set(table["intervention"])
+    if a not in have or b not in have:
+        return pd.DataFrame(columns=["milestone", f"steps_{a}", f"steps_{b}", "steps_ratio", f"epochs_{a}",
+                                     f"epochs_{b}", "epochs_ratio", "verdict"])
+
+    def med(name: str, col: str) -> float:
+        v = table.loc[table["intervention"] == name, col]
+        return float(v.median()) if len(v) and v.notna().all() else math.nan
+
+    rows = []
+    for milestone in ("id", "ood"):
+        sa, sb = med(a, f"steps_to_{milestone}"), med(b, f"steps_to_{milestone}")
+        ea, eb = med(a, f"epochs_to_{milestone}"), med(b, f"epochs_to_{milestone}")
+        steps_ratio, epochs_ratio = sb / sa, eb / ea
+        if math.isnan(steps_ratio) or math.isnan(epochs_ratio):
+            verdict = "not reached in both"
+        else:  # which of the two quantities stayed closer to constant (log distance from 1)
+            verdict = "steps" if abs(math.log(steps_ratio)) < abs(math.log(epochs_ratio)) else "epochs"
+        rows.append({"milestone": milestone, f"steps_{a}": sa, f"steps_{b}": sb, "steps_ratio": steps_ratio,
+                     f"epochs_{a}": ea, f"epochs_{b}": eb, "epochs_ratio": epochs_ratio, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def figure(out: str | Path, table: pd.DataFrame, split: str = "test_inferred_id", x: str = "step"):
+    """Accuracy of ``split`` over training (``x`` "step" or "epoch"), one line per run, coloured by
+    intervention."""
     import plotly.express as px
 
     from models.train import load_run
 
+    if x not in ("step", "epoch"):
+        raise ValueError(f"x must be 'step' or 'epoch', got {x!r}")
     frames = []
     for row in table.itertuples():
         run = load_run(row.run)
         m = run.metrics
         m = m[(m["split"] == split) & (m["iterations"] == run.config.train_iterations)]
-        frames.append(m.assign(intervention=row.intervention, seed=row.seed)[["step", "accuracy", "intervention", "seed"]])
-    data = pd.concat(frames) if frames else pd.DataFrame(columns=["step", "accuracy", "intervention", "seed"])
-    fig = px.line(data, x="step", y="accuracy", color="intervention", line_group="seed",
+        frames.append(m.assign(intervention=row.intervention, seed=row.seed)[["step", "epoch", "accuracy", "intervention", "seed"]])
+    data = pd.concat(frames) if frames else pd.DataFrame(columns=["step", "epoch", "accuracy", "intervention", "seed"])
+    fig = px.line(data, x=x, y="accuracy", color="intervention", line_group="seed",
                   title=f"{split} accuracy over training, per intervention")
-    fig.update_layout(xaxis_title="optimizer step", yaxis_title=f"{split} accuracy", yaxis_range=[0, 1])
+    fig.update_layout(xaxis_title="optimizer step" if x == "step" else "epoch", yaxis_title=f"{split} accuracy",
+                      yaxis_range=[0, 1])
     return fig
 
 
-def write_report(out: str | Path, table: pd.DataFrame, command: str) -> Path:
-    """summary.csv, summary.md (table + the exact command), and figures as standalone HTML."""
+FIGURES = (("test_inferred_id", "step"), ("test_inferred_ood", "step"), ("test_inferred_first_ood", "step"),
+           ("test_inferred_second_ood", "step"), ("test_inferred_ood", "epoch"))
+
+
+def write_report(out: str | Path, table: pd.DataFrame, command: str, png: bool = False) -> Path:
+    """summary.csv, runs.csv, steps_or_epochs.csv, summary.md (tables + the exact command), and one HTML
+    page per figure (offline: they share one plotly.min.js beside them). ``png`` also screenshots each
+    page with headless Chromium (see :func:`analyses.report.export_png`)."""
+    from plotly.offline import get_plotlyjs
+
     out = Path(out)
     summary = summarize(table)
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
-    for split in ("test_inferred_id", "test_inferred_ood", "test_inferred_first_ood"):
-        html = figure(out, table, split).to_html(include_plotlyjs=True, full_html=True)
-        atomic_write_text(out / f"{split}.html", html)
+    atomic_write_text(out / "plotly.min.js", get_plotlyjs())
+    pages = []
+    for split, x in FIGURES:
+        name = split if x == "step" else f"{split}_by_{x}"
+        html = figure(out, table, split, x=x).to_html(include_plotlyjs="directory", full_html=True)
+        atomic_write_text(out / f"{name}.html", html)
+        pages.append(out / f"{name}.html")
+    if png:
+        from analyses.report import export_png
+
+        export_png(pages)
+    se = steps_or_epochs(table)
+    atomic_write_text(out / "steps_or_epochs.csv", se.to_csv(index=False))
     cols = ["intervention", "control", "runs", "id_reached", "steps_to_id", "seconds_to_id", "id_speedup_vs_control",
             "ood_reached", "steps_to_ood", "final_id", "final_first_ood", "final_second_ood", "final_ood", "final_ood_atomic"]
     lines = [
@@ -217,6 +304,9 @@ def write_report(out: str | Path, table: pd.DataFrame, command: str) -> Path:
         "",
         _markdown(summary[cols]),
     ]
+    if len(se):
+        lines += ["", "Steps or epochs? (control vs batch-4x: same lr, 4x the examples per step; ratios are batch-4x / control)",
+                  "", _markdown(se)]
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     return out / "summary.md"
 

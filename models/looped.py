@@ -419,6 +419,39 @@ class LoopedTransformer(HookedRootModule):
         loss = self.answer_loss(logits, tokens, targets, label_smoothing)
         return loss if return_type == "loss" else (logits, loss)
 
+    def answer_logits_by_iteration(
+        self,
+        tokens: Tensor | str | list[str],
+        n_iterations: int | None = None,
+        backprop_last: int | None = None,
+    ) -> Float[Tensor, "iteration batch d_vocab"]:
+        """The readout (coda, final LN, unembedding) applied after every iteration, at each query's answer
+        position: ``out[t]`` is what the model would answer if it stopped after ``t + 1`` iterations.
+
+        Differentiable (the trainer's ``recurrence.supervise = "from_hops"`` loss uses it); for analysis,
+        wrap it in ``torch.no_grad()``. ``out[-1]`` equals ``predict(tokens, n_iterations)``.
+        """
+        tokens = self._check_tokens(tokens)
+        T = self._check_iterations(n_iterations)
+        if backprop_last is not None and not 1 <= backprop_last <= T:
+            raise ValueError(f"backprop_last must be in [1, n_iterations={T}], got {backprop_last}")
+        self._grow(T)
+        self._bind(T)
+        batch = torch.arange(tokens.shape[0], device=tokens.device)
+        pos = self.readout_positions(tokens)
+        state = self.embed_tokens(tokens)
+        injected = state
+        out = []
+        for t in range(T):
+            if backprop_last is not None and t == T - backprop_last:
+                state = state.detach()
+            state = self.iterate(state, t, injected)
+            if self.cfg.n_coda:  # the coda's attention needs every position
+                out.append(self.readout(state, T)[batch, pos])
+            else:  # readout at the answer position only (final LN and unembedding are per position)
+                out.append(self.readout(state[batch, pos][:, None], T)[:, 0])
+        return torch.stack(out)
+
     def answer_loss(self, logits: Tensor, tokens: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         targets = torch.as_tensor(targets, device=logits.device, dtype=torch.long)
         if targets.shape != (tokens.shape[0],):

@@ -50,6 +50,26 @@ def test_ladder_has_lr_matched_control_for_grokfast():
     assert ladder["grokfast"].control == "control-lr-matched"
     assert "optim.lr=0.003" in ladder["control-lr-matched"].overrides
     assert "data.phi=14.4" in ladder["phi-high"].overrides
+    assert ladder["vanilla"].overrides == ("model.n_blocks=4", "model.n_iterations=1")  # iso-FLOP with 1 x 4
+    assert gs.interventions_for(1e-3, 7.2, base_depth=8)["vanilla"].overrides[0] == "model.n_blocks=8"
+    assert "optim.batch_size=1024" in gs.interventions_for(1e-3, 7.2, base_batch=256)["batch-4x"].overrides
+
+
+def _milestones(name, steps_id, steps_ood, batch_mult):
+    return [{"intervention": name, "seed": s, "steps_to_id": a, "epochs_to_id": a * batch_mult / 100,
+             "steps_to_ood": b, "epochs_to_ood": b * batch_mult / 100} for s, (a, b) in enumerate(zip(steps_id, steps_ood))]
+
+
+def test_steps_or_epochs_reads_which_quantity_stays_constant():
+    # ID arrives after the same number of steps whatever the batch; OOD after the same number of epochs
+    table = pd.DataFrame(_milestones("control", [1000, 1000], [8000, 8000], 1)
+                         + _milestones("batch-4x", [1000, 1100], [2000, 2100], 4))
+    se = gs.steps_or_epochs(table).set_index("milestone")
+    assert se.loc["id", "verdict"] == "steps" and se.loc["ood", "verdict"] == "epochs"
+    assert se.loc["ood", "steps_ratio"] == pytest.approx(2050 / 8000)
+    table.loc[table.intervention == "batch-4x", "steps_to_ood"] = math.nan
+    assert gs.steps_or_epochs(table).set_index("milestone").loc["ood", "verdict"] == "not reached in both"
+    assert gs.steps_or_epochs(table[table.intervention == "control"]).empty
 
 
 def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
@@ -66,7 +86,9 @@ def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
     report = gs.write_report(tmp_path, table, "looplens study grokking-speed ...")
     text = report.read_text()
     assert "weight-decay-1" in text and "Command:" in text
-    assert (tmp_path / "test_inferred_ood.html").exists()
+    assert (tmp_path / "test_inferred_ood.html").exists() and (tmp_path / "test_inferred_ood_by_epoch.html").exists()
+    assert 'src="plotly.min.js"' in (tmp_path / "test_inferred_ood.html").read_text()  # one shared copy, offline
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     with pytest.raises(ValueError, match="unknown intervention"):
         gs.run_grid(tmp_path, base="smoke-composition", interventions=["magic"], progress=False)
 
@@ -81,3 +103,16 @@ def test_study_cli_grokking_speed(tmp_path, capsys):
     assert main(["study", "grokking-speed", "--out", str(out), "--seeds", "x"]) == 2
     assert main(["study", "--list"]) == 0
     assert "grokking-speed" in capsys.readouterr().out
+
+
+def test_grid_runs_in_parallel_processes(tmp_path):
+    """jobs=2 trains the runs in two spawned processes; the same seed gives the same numbers as in-process."""
+    table = gs.run_grid(tmp_path / "par", base="smoke-composition", interventions=["lr-half"], seeds=[0],
+                        max_steps=20, extra_overrides=["run.threads=1"], jobs=2, progress=False)
+    assert sorted(table["intervention"]) == ["control", "lr-half"] and (table["steps"] == 20).all()
+    serial = gs.run_grid(tmp_path / "ser", base="smoke-composition", interventions=["lr-half"], seeds=[0],
+                         max_steps=20, extra_overrides=["run.threads=1"], progress=False)
+    cols = ["final_id", "final_ood", "final_train", "final_ood_atomic"]
+    pd.testing.assert_frame_equal(table[cols], serial[cols])
+    with pytest.raises(ValueError, match="jobs"):
+        gs.run_grid(tmp_path / "x", base="smoke-composition", jobs=0, progress=False)

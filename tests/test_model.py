@@ -433,3 +433,19 @@ def test_fresh_model_binds_prelude_weights_for_step_level_calls():
     for t in range(5):
         state = model.iterate(state, t, None)
     torch.testing.assert_close(model.readout(state, 5), model(TOKENS, n_iterations=5))
+
+
+@pytest.mark.parametrize("n_coda", [0, 1])
+def test_answer_logits_by_iteration_is_the_readout_after_each_iteration(n_coda):
+    cfg = LoopedConfig(d_vocab=30, n_ctx=4, d_model=32, n_heads=4, n_blocks=2, n_iterations=3, n_coda=n_coda, seed=0)
+    model = LoopedTransformer(cfg).eval()
+    tokens = torch.tensor([[3, 21, 22, 0], [5, 23, 24, 25]])
+    with torch.no_grad():
+        out = model.answer_logits_by_iteration(tokens, n_iterations=3)
+    assert out.shape == (3, 2, 30)
+    torch.testing.assert_close(out[-1], model.predict(tokens, n_iterations=3))
+    if n_coda == 0:  # without a coda, stopping after t iterations is exactly a t-iteration forward
+        for t in (1, 2):
+            torch.testing.assert_close(out[t - 1], model.predict(tokens, n_iterations=t))
+    with pytest.raises(ValueError, match="backprop_last"):
+        model.answer_logits_by_iteration(tokens, n_iterations=3, backprop_last=4)

@@ -61,6 +61,7 @@ def test_unknown_key_lists_valid_keys():
         ("optim.no_decay=weights", "optim.no_decay"),
         ("recurrence.mode=gamma", "recurrence.mode"),
         ("recurrence.max=1", "recurrence.max"),
+        ("recurrence.supervise=every", "recurrence.supervise"),
         ("model.d_model=30", "d_model"),
         ("model.positional=rotary", "positional"),
         ("data.n_entities=1", "n_entities"),

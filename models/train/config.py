@@ -41,6 +41,7 @@ LOSSES = ("softmax", "stablemax")
 PRECISIONS = ("auto", "fp32", "bf16")
 NO_DECAY_GROUPS = ("biases", "norms", "embeddings")
 RECURRENCE_MODES = ("fixed", "poisson", "uniform", "poisson-lognormal")
+SUPERVISE_MODES = ("last", "from_hops")
 HALTING_RULES = ("kl", "entropy", "kl+entropy", "latent")
 CURRICULUM_METRICS = ("fixed", "halting")
 DEVICES = ("auto", "cpu", "cuda")
@@ -188,6 +189,10 @@ class RecurrenceConfig:
     dynamic R: mean 4 in [2, 8]). "uniform": uniform integer in [min, max]. "poisson-lognormal" (Huginn):
     tau ~ N(log(mean) - sigma^2 / 2, sigma), R = Poisson(exp(tau)) + 1, clipped to [min, max].
     backprop_last: gradients flow through the last k iterations only (None: all).
+    supervise: "last" (the paper): the answer loss is read after the last iteration only. "from_hops": the
+    answer is read after every iteration t >= the query's hop count k and the losses are averaged, so a
+    k-hop query must be answered by iteration k and keep its answer (one hop per iteration; no
+    intermediate entity is supervised). Intended for the composition task (issue 8's ladder).
     """
 
     mode: str = "fixed"
@@ -196,9 +201,11 @@ class RecurrenceConfig:
     max: int = 8
     sigma: float = 0.5
     backprop_last: int | None = None
+    supervise: str = "last"
 
     def __post_init__(self) -> None:
         s = "recurrence"
+        _choice(s, "supervise", self.supervise, SUPERVISE_MODES)
         _choice(s, "mode", self.mode, RECURRENCE_MODES)
         _float(s, "mean", self.mean, 0.0)
         _int(s, "min", self.min, 1)

@@ -151,12 +151,16 @@ def answer_loss(
     targets: Int[Tensor, " batch"],
     kind: str = "softmax",
     label_smoothing: float = 0.0,
-) -> Float[Tensor, ""]:
-    """Mean cross-entropy of the answers under softmax or StableMax, with label smoothing."""
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of the answers under softmax or StableMax, with label smoothing; ``reduction`` "mean"
+    (a scalar) or "none" (one loss per answer)."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if kind == "softmax":
-        return F.cross_entropy(answer_logits.float(), targets, label_smoothing=label_smoothing)
+        return F.cross_entropy(answer_logits.float(), targets, label_smoothing=label_smoothing, reduction=reduction)
     logp = stablemax_log_probs(answer_logits)
     nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
     if label_smoothing:
         nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
-    return nll.mean()
+    return nll.mean() if reduction == "mean" else nll

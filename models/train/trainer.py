@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from data import ensure_dataset
@@ -236,10 +237,13 @@ class Trainer:
         backprop = None if cfg.recurrence.backprop_last is None else min(cfg.recurrence.backprop_last, n_iter)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
-            logits = self.model(tokens, n_iterations=n_iter, return_type="logits", backprop_last=backprop)
-            pos = self.model.readout_positions(tokens)
-            answer_logits = logits[torch.arange(len(rows), device=self.device), pos].float()
-            loss = answer_loss(answer_logits, targets, cfg.optim.loss, cfg.optim.label_smoothing)
+            if cfg.recurrence.supervise == "from_hops":
+                loss, answer_logits = self._loss_from_hops(tokens, targets, rows, n_iter, backprop)
+            else:
+                logits = self.model(tokens, n_iterations=n_iter, return_type="logits", backprop_last=backprop)
+                pos = self.model.readout_positions(tokens)
+                answer_logits = logits[torch.arange(len(rows), device=self.device), pos].float()
+                loss = answer_loss(answer_logits, targets, cfg.optim.loss, cfg.optim.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grokfast is not None:
@@ -256,6 +260,21 @@ class Trainer:
         w["n"] += len(rows)
         w["steps"] += 1
         w["iterations"] += n_iter
+
+    def _loss_from_hops(self, tokens: Tensor, targets: Tensor, rows: np.ndarray, n_iter: int,
+                        backprop: int | None) -> tuple[Tensor, Tensor]:
+        """recurrence.supervise = "from_hops": the answer loss averaged over every iteration t >= the query's
+        hop count (a query with more hops than iterations is read after the last one). Returns the loss and
+        the last iteration's answer logits (for the running train accuracy)."""
+        cfg = self.cfg
+        per_iter = self.model.answer_logits_by_iteration(tokens, n_iter, backprop_last=backprop).float()
+        hops = torch.from_numpy(self.train_hops[rows]).to(self.device).clamp(max=n_iter)
+        weight = (torch.arange(1, n_iter + 1, device=self.device)[:, None] >= hops[None, :]).float()  # [T, batch]
+        weight = weight / weight.sum(0, keepdim=True)  # every query weighs the same in the mean
+        flat_targets = targets.repeat(n_iter)
+        nll = answer_loss(per_iter.flatten(0, 1), flat_targets, cfg.optim.loss, cfg.optim.label_smoothing,
+                          reduction="none").view(n_iter, -1)
+        return (nll * weight).sum() / len(rows), per_iter[-1]
 
     def _train_row(self) -> dict[str, Any]:
         w = self.window
