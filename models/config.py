@@ -53,6 +53,9 @@ class LoopedConfig:
     n_prelude: int = 0  # blocks before the loop (Huginn's prelude), run once
     n_coda: int = 0  # blocks after the loop (Huginn's coda), run once
     input_injection: str = "none"  # re-inject the embedded input at each iteration t >= 1
+    # Readout feedback: before each iteration t >= 1, add feedback * softmax(readout(state)) @ W_E to the
+    # state at every position: the model's own soft answer so far, re-embedded (0: off, the paper's model).
+    feedback: float = 0.0
     pad_token_id: int | None = 0  # right padding; the readout position is the last non-pad token
     seed: int | None = None  # init seed (None: use the global RNG)
     device: str = field(default="cpu", compare=False)
@@ -94,6 +97,8 @@ class LoopedConfig:
         need(self.input_injection in _INJECTION,
              f"input_injection must be one of {_INJECTION}, got {self.input_injection!r}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(isinstance(self.feedback, int | float) and self.feedback >= 0,
+             f"feedback must be a number >= 0 (0: off), got {self.feedback!r}")
         need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
         for name in ("n_prelude", "n_coda"):

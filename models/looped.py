@@ -83,9 +83,11 @@ class Unembed(nn.Module):
 class IterationHooks(nn.Module):
     """Per-iteration hook points that belong to no single block."""
 
-    def __init__(self):
+    def __init__(self, feedback: bool = False):
         super().__init__()
         self.hook_state = HookPoint()  # [batch, pos, d_model], the state after the iteration
+        if feedback:  # iterations t >= 1 of models with readout feedback only
+            self.hook_feedback = HookPoint()  # [batch, pos, d_model], added to the state before iteration t
 
 
 @dataclass
@@ -168,7 +170,7 @@ class LoopedTransformer(HookedRootModule):
         while len(self.blocks) < needed:
             self.blocks.append(TransformerBlock(self.cfg, placeholder))
         while len(self.loop) < n_iterations:
-            self.loop.append(IterationHooks())
+            self.loop.append(IterationHooks(feedback=self.cfg.feedback > 0 and len(self.loop) > 0))
         self.setup()
         # Bind eagerly, so step-level callers (embed_tokens -> prelude) never see placeholder weights.
         self._bound_iterations = None
@@ -353,10 +355,22 @@ class LoopedTransformer(HookedRootModule):
                 state = state + injected
             else:
                 state = torch.cat([state, injected], dim=-1) @ self.W_inject
+        if iteration > 0 and cfg.feedback:
+            state = state + self.loop[iteration].hook_feedback(self.feedback_vector(state))
         first = cfg.n_prelude + iteration * cfg.n_blocks
         for v in range(first, first + cfg.n_blocks):
             state = self.blocks[v](state)
         return self.loop[iteration].hook_state(state)
+
+    def feedback_vector(self, state: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """``cfg.feedback * softmax(ln_final(state) @ W_U + b_U) @ W_E`` at every position: the model's
+        current soft answer, re-embedded. Computed functionally with the final LN's and the unembedding's
+        weights (no coda, and no readout hook fires), so each hook still fires once per forward pass."""
+        ln = self.ln_final
+        centred = state - state.mean(-1, keepdim=True)
+        normed = centred / (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt() * ln.params.w + ln.params.b
+        probs = (normed @ self.unembed.W_U + self.unembed.b_U).float().softmax(-1)
+        return self.cfg.feedback * (probs.to(state.dtype) @ self.W_E)
 
     def readout(self, state: Float[Tensor, "batch pos d_model"], n_iterations: int) -> Float[Tensor, "batch pos d_vocab"]:
         """Coda blocks, final LayerNorm and unembedding."""

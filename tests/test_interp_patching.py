@@ -41,6 +41,7 @@ CONFIGS = {
     "looped": {},
     "vanilla": {"n_blocks": 4, "n_iterations": 1},
     "injection": {"input_injection": "add"},
+    "feedback": {"feedback": 1.0},
     "prelude_coda": {"n_prelude": 1, "n_coda": 1, "positional": "none"},
 }
 

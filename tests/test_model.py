@@ -449,3 +449,27 @@ def test_answer_logits_by_iteration_is_the_readout_after_each_iteration(n_coda):
             torch.testing.assert_close(out[t - 1], model.predict(tokens, n_iterations=t))
     with pytest.raises(ValueError, match="backprop_last"):
         model.answer_logits_by_iteration(tokens, n_iterations=3, backprop_last=4)
+
+
+def test_readout_feedback_adds_the_re_embedded_soft_answer_before_each_iteration():
+    cfg = LoopedConfig(d_vocab=30, n_ctx=4, d_model=32, n_heads=4, n_blocks=2, n_iterations=3, feedback=0.5, seed=0)
+    model = LoopedTransformer(cfg).eval()
+    tokens = torch.tensor([[3, 21, 22, 0], [5, 23, 24, 25]])
+    logits, cache = model.run_with_cache(tokens)
+    assert [k for k in cache.keys() if "feedback" in k] == ["loop.1.hook_feedback", "loop.2.hook_feedback"]
+    with torch.no_grad():  # by hand: LN_final + unembedding, softmax, back through W_E, scaled, added
+        state = model.embed_tokens(tokens)
+        for t in range(3):
+            if t > 0:
+                added = 0.5 * model.unembed(model.ln_final(state)).softmax(-1) @ model.W_E
+                torch.testing.assert_close(cache[f"loop.{t}.hook_feedback"], added)
+                state = state + added
+            for v in range(2 * t, 2 * t + 2):
+                state = model.blocks[v](state)
+        torch.testing.assert_close(model.readout(state, 3), logits)
+    # hooks fire once per forward: the readout used for feedback fires no ln_final / unembed hook
+    assert cache["ln_final.hook_normalized"].shape == (2, 4, 32)
+    plain = LoopedTransformer(LoopedConfig(d_vocab=30, n_ctx=4, d_model=32, n_heads=4, n_blocks=2, n_iterations=3, seed=0))
+    assert not any("feedback" in name for name in plain.hook_dict)
+    with pytest.raises(ValueError, match="feedback"):
+        LoopedConfig(d_vocab=30, n_ctx=4, feedback=-1.0)

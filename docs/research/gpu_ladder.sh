@@ -11,9 +11,12 @@ MIN=${MIN:-6}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a local dry run of the commands (skips the GPU benchmark)
 bring_back() {  # runs even when the command is cut short: metrics of every run come back
   tar czf "$OUT/studies.tgz" --exclude=checkpoints --exclude=.datasets -C /tmp gs gs-a.log gs-b.log 2>/dev/null
-  for r in control-s0 supervise-from-hops-s0 vanilla-s0; do  # one file each (16 MB cap per file)
-    tar czf "$OUT/ckpt-$r.tgz" --exclude='state_*' -C /tmp "gs/paper-loss/runs/$r/checkpoints" 2>/dev/null
+  for r in control-s0 feedback-from-hops-s0; do  # one file each (16 MB cap per file)
+    tar czf "$OUT/ckpt-$r.tgz" --exclude='state_*' -C /tmp "gs/main/runs/$r/checkpoints" 2>/dev/null
   done
+  last=$(ls /tmp/gs/main/runs/vanilla-s0/checkpoints/ 2>/dev/null | grep -o '^step_[0-9]*' | sort -t_ -k2 -n | tail -1)
+  [ -n "$last" ] && tar czf "$OUT/ckpt-vanilla-s0.tgz" -C /tmp gs/main/runs/vanilla-s0/checkpoints/$last.safetensors \
+      gs/main/runs/vanilla-s0/checkpoints/$last.json
   ls -la "$OUT"
 }
 trap bring_back EXIT
@@ -29,16 +32,17 @@ fi
 
 # 2. two grids at once, every run its own process on the one GPU, each stopping after $MIN minutes
 COMMON=(--device "$DEVICE" --time-budget "$MIN" --max-steps 1000000 --quiet
-        --set eval.every=1000 --set run.checkpoint_every=25000 --set run.save_every=25000)
-python3 -m analyses.cli study grokking-speed --out /tmp/gs/paper-loss --base tiny-composition --seeds 0,1,2 \
-    --interventions control,supervise-from-hops,vanilla --jobs 9 "${COMMON[@]}" > /tmp/gs-a.log 2>&1 &
+        --set eval.every=1000 --set run.checkpoint_every=10000 --set run.save_every=10000
+        --set run.log_checkpoints=false)
+python3 -m analyses.cli study grokking-speed --out /tmp/gs/main --base tiny-composition --seeds 0,1,2 \
+    --interventions control,feedback-from-hops,vanilla --jobs 9 "${COMMON[@]}" > /tmp/gs-a.log 2>&1 &
 A=$!
 python3 -m analyses.cli study grokking-speed --out /tmp/gs/ladder --base tiny-composition --seeds 0 \
-    --interventions batch-4x,weight-decay-1,code-regularisers,grokfast,nope --jobs 6 "${COMMON[@]}" > /tmp/gs-b.log 2>&1 &
+    --interventions supervise-from-hops,feedback,batch-4x,weight-decay-1,grokfast --jobs 7 "${COMMON[@]}" > /tmp/gs-b.log 2>&1 &
 B=$!
 sleep 60; [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 wait $A; echo "grid A exit $?"; wait $B; echo "grid B exit $?"  # (each run stops itself after $MIN minutes)
 tail -5 /tmp/gs-a.log /tmp/gs-b.log
 cat /tmp/gs/*/summary.md
 # 3. on exit (bring_back): everything but checkpoints, and the model checkpoints of the seed-0
-#    control / vanilla / supervise-from-hops runs
+#    control / vanilla / feedback-from-hops runs
