@@ -10,8 +10,8 @@ and test_inferred_ood reaches ``ood_target``; per intervention it aggregates ove
 It also settles whether the OOD phase is a matter of optimiser steps or of epochs: each row carries both
 the step and the epoch of every milestone, and :func:`steps_or_epochs` compares batch sizes.
 
-    looplens study grokking-speed --out studies/grokking-speed --base tiny-composition --seeds 0,1,2 \
-        --max-steps 4000 --interventions control,phi-high,weight-decay,grokfast
+    looplens study grokking-speed --out studies/grokking-speed --base tiny-composition-paper --seeds 0,1,2 \
+        --max-steps 4000 --interventions control,phi-high,weight-decay,grokfast --jobs 2
 
 The grid is resumable: a run whose summary.json says it finished is not trained again.
 """
@@ -37,6 +37,11 @@ class Intervention:
     control: str = "control"  # the lr-matched control it is compared against
 
 
+# tiny-composition-paper + these = tiny-composition (issue 8's recipe; docs/research/README.md)
+FAST_RECIPE = ("model.feedback=1", "recurrence.supervise=from_hops", "optim.weight_decay=1.0", "optim.atomic_share=0.4",
+               "optim.schedule=cosine", "optim.min_lr_ratio=0.1")
+
+
 def interventions_for(base_lr: float, base_phi: float, base_batch: int = 256, base_depth: int = 4,
                       max_phi: float | None = None) -> dict[str, Intervention]:
     """The ladder, cheapest first. ``base_depth`` is the base model's blocks x iterations (the vanilla
@@ -53,6 +58,11 @@ def interventions_for(base_lr: float, base_phi: float, base_batch: int = 256, ba
                      "readout feedback: the model's soft answer, re-embedded, is added to the state before each iteration"),
         Intervention("feedback-from-hops", ("model.feedback=1", "recurrence.supervise=from_hops"),
                      "readout feedback and the from-hops answer loss together"),
+        Intervention("weight-decay-1-feedback-from-hops",
+                     ("optim.weight_decay=1.0", "model.feedback=1", "recurrence.supervise=from_hops"),
+                     "weight decay 1.0 + readout feedback + from-hops loss"),
+        Intervention("fast-recipe", FAST_RECIPE,
+                     "issue 8's recipe (the tiny-composition preset): wd 1, feedback, from-hops, 40% atomic, cosine lr"),
         Intervention("batch-4x", (f"optim.batch_size={4 * base_batch}",),
                      f"batch {base_batch} -> {4 * base_batch}, same lr: 4x the epochs per step (steps or epochs?)"),
         Intervention("lr-half", (f"optim.lr={base_lr / 2:g}",), f"lr {base_lr:g} -> {base_lr / 2:g}"),
@@ -93,7 +103,7 @@ def first_reach(metrics: pd.DataFrame, split: str, target: float, iterations: in
 def run_grid(
     out: str | Path,
     *,
-    base: str = "tiny-composition",
+    base: str = "tiny-composition-paper",
     interventions: Sequence[str] | None = None,
     seeds: Sequence[int] = (0,),
     max_steps: int | None = None,

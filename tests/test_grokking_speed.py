@@ -116,3 +116,11 @@ def test_grid_runs_in_parallel_processes(tmp_path):
     pd.testing.assert_frame_equal(table[cols], serial[cols])
     with pytest.raises(ValueError, match="jobs"):
         gs.run_grid(tmp_path / "x", base="smoke-composition", jobs=0, progress=False)
+
+
+def test_fast_recipe_rung_turns_the_paper_preset_into_tiny_composition():
+    from models.train import preset
+
+    recipe = preset("tiny-composition-paper").with_overrides([*gs.FAST_RECIPE, "run.max_steps=8000",
+                                                              "run.time_budget_minutes=20"])
+    assert recipe.to_dict() == preset("tiny-composition").to_dict()

@@ -344,3 +344,14 @@ def test_supervise_from_hops_is_the_mean_of_per_iteration_answer_losses(tmp_path
                    tmp_path / "run", progress=False)
     assert result.final["train_inferred"] > 0.0
     assert load_run(tmp_path / "run").config.recurrence.supervise == "from_hops"
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    """A run that reached max_steps on an evaluation step, resumed with the same config, appends no rows
+    (the saved state remembers that step's evaluation) and keeps its final accuracies."""
+    cfg = preset("smoke-composition").with_overrides(["run.max_steps=40", "eval.every=20"])
+    first = train(cfg, tmp_path / "r", progress=False)
+    before = (tmp_path / "r" / "metrics.csv").read_bytes()
+    again = train(cfg, tmp_path / "r", resume=True, progress=False)
+    assert (tmp_path / "r" / "metrics.csv").read_bytes() == before
+    assert again.step == first.step == 40 and again.final == first.final and again.final

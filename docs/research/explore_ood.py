@@ -1,4 +1,5 @@
-"""Throwaway exploration for issue 8 (not project code): how fast does strict OOD arrive?"""
+"""Throwaway exploration for issue 8 (not project code): how fast does strict OOD arrive? --deep is the
+from-hops loss (--only-last: last iteration only), --feedback the readout feedback (both now trainer options)."""
 import argparse, json, time, sys
 import numpy as np, torch
 sys.path.insert(0, "/work/main")
@@ -19,11 +20,11 @@ ap.add_argument("--batch", type=int, default=256); ap.add_argument("--atomic-sha
 ap.add_argument("--steps", type=int, default=20000); ap.add_argument("--minutes", type=float, default=12)
 ap.add_argument("--eval-every", type=int, default=500); ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--ls", type=float, default=0.0); ap.add_argument("--dropout", type=float, default=0.0)
-ap.add_argument("--out", required=True)
+ap.add_argument("--out", required=True); ap.add_argument("--deep", action="store_true"); ap.add_argument("--only-last", action="store_true"); ap.add_argument("--feedback", type=float, default=0.0); ap.add_argument("--test-id", type=float, default=0.005); ap.add_argument("--eval-max", type=int, default=3000)
 a = ap.parse_args()
 
 cfg = DataConfig(task="composition", world=a.world, n_entities=a.entities, n_relations=a.relations,
-                 out_degree=a.out_degree, ood_fraction=a.ood, phi=a.phi, seed=a.seed)
+                 out_degree=a.out_degree, ood_fraction=a.ood, phi=a.phi, seed=a.seed, test_id_fraction=a.test_id, eval_max=a.eval_max)
 g = generate(cfg)
 N, R = a.entities, a.relations
 def enc(f):
@@ -49,7 +50,16 @@ n_atom = int(round(a.batch * a.atomic_share))
 @torch.no_grad()
 def acc(name):
     t, y = sp[name]
-    m.eval(); p = m.predict(t).argmax(-1); m.train()
+    m.eval()
+    if a.feedback:
+        T = a.iters; pos = m.readout_positions(t); st = m.embed_tokens(t); inj = st
+        for it in range(T):
+            st = m.iterate(st, it, inj); full = m.readout(st, T)
+            if it < T - 1: st = st + a.feedback * (full.float().softmax(-1) @ m.W_E)
+        p = full[torch.arange(len(t)), pos].argmax(-1)
+    else:
+        p = m.predict(t).argmax(-1)
+    m.train()
     return float((p == y).float().mean())
 log = []; t0 = time.time(); step = 0
 while step < a.steps and time.time() - t0 < a.minutes * 60:
@@ -57,7 +67,23 @@ while step < a.steps and time.time() - t0 < a.minutes * 60:
     for gr in opt.param_groups: gr["lr"] = lr
     bi = torch.cat([atom_idx[torch.randint(len(atom_idx), (n_atom,), generator=gen)],
                     inf_idx[torch.randint(len(inf_idx), (a.batch - n_atom,), generator=gen)]])
-    loss = m(tr_t[bi], return_type="loss", targets=tr_y[bi], label_smoothing=a.ls)
+    if a.deep:
+        tk = tr_t[bi]; y = tr_y[bi]; T = a.iters
+        m._grow(T); m._bind(T)
+        pos = m.readout_positions(tk); hk = (tk != 0).sum(1) - 1
+        st = m.embed_tokens(tk); inj = st; tot = 0.0; cnt = 0
+        for t in range(T):
+            st = m.iterate(st, t, inj)
+            full = m.readout(st, T)
+            lg = full[torch.arange(len(tk)), pos]
+            if a.feedback and t < T - 1:
+                st = st + a.feedback * (full.float().softmax(-1) @ m.W_E)
+            ce = torch.nn.functional.cross_entropy(lg.float(), y, reduction="none", label_smoothing=a.ls)
+            w = (hk <= t + 1).float() if not a.only_last else torch.full_like(hk, float(t == T - 1), dtype=torch.float)
+            tot = tot + (ce * w).sum(); cnt = cnt + w.sum()
+        loss = tot / cnt
+    else:
+        loss = m(tr_t[bi], return_type="loss", targets=tr_y[bi], label_smoothing=a.ls)
     opt.zero_grad(); loss.backward(); opt.step(); step += 1
     if step % a.eval_every == 0:
         r = {"step": step, "min": round((time.time() - t0) / 60, 2), "loss": round(float(loss), 4)}

@@ -378,6 +378,9 @@ class Trainer:
             "metrics_bytes": self.metrics.size(),
             "metrics_rows": self.metrics.rows,
             "dataset_checksum": self.dataset.checksum,
+            # the evaluation already in metrics.csv for this step, if any: a resume must not repeat it
+            "last_eval_step": self.last_eval_step,
+            "last_eval": self.last_eval if self.last_eval_step == self.step else [],
         }
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -418,6 +421,8 @@ class Trainer:
             raise ValueError(f"{self.paths.metrics}: {self.metrics.rows} rows after truncation, the saved state "
                              f"says {state['metrics_rows']}; the run directory was modified")
         self.last_state_step = self.step
+        if state.get("last_eval_step") == self.step:  # states saved before this field existed: evaluate again
+            self.last_eval_step, self.last_eval = self.step, list(state["last_eval"])
 
     def write_summary(self, status: str, wall: float, steps_done: int) -> None:
         final = {}
