@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bars, no notes; one line at the end")
     _add_options(s)
     g = s.add_argument_group("grokking-speed options (the study that trains its own grid of runs)")
-    g.add_argument("--base", default="tiny-composition-paper", metavar="PRESET", help="trainer preset the ladder starts from")
+    g.add_argument("--base", default="tiny-composition-paper", metavar="PRESET", help="trainer preset the ladder starts from (default: tiny-composition-paper, the paper's recipe)")
     g.add_argument("--interventions", metavar="A,B", help="comma list (default: the whole ladder)")
     g.add_argument("--seeds", default="0", metavar="S,S", help="comma list of training seeds (default 0)")
     g.add_argument("--max-steps", type=int, default=None, metavar="N", help="steps per run (default: the preset's)")
