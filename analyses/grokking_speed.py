@@ -168,8 +168,9 @@ def run_grid(
 
 
 def _finished(run_dir: Path) -> bool:
-    summary_path = run_dir / "summary.json"
-    return summary_path.exists() and json.loads(summary_path.read_text()).get("stop_reason") not in (None, "interrupted")
+    from models.train import load_run
+
+    return (run_dir / "config.json").exists() and load_run(run_dir).ended
 
 
 def _train_one(cfg, run_dir: Path, progress: bool) -> None:
@@ -182,7 +183,7 @@ def _train_one(cfg, run_dir: Path, progress: bool) -> None:
 def _row(run, name: str, intervention: Intervention, seed: int, overrides: list[str], id_target: float,
          ood_target: float) -> dict:
     metrics = run.metrics
-    summary = json.loads((Path(run.path) / "summary.json").read_text())
+    summary = run.summary
     T = run.config.train_iterations
     steps = int(summary.get("final_step", metrics["step"].max()))
     wall = float(summary.get("wall_seconds", math.nan))

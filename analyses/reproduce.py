@@ -286,12 +286,11 @@ def _train_stage(spec: RunSpec, plan: Plan, out: Path, progress: bool) -> dict[s
     run_dir = out / "runs" / spec.name
     cfg = spec.config(plan.extra_overrides)
     if (run_dir / "config.json").exists():
-        summary = load_run(run_dir).summary
+        run = load_run(run_dir)
         # a run that ended before the kill (max_steps, a final stop or its time cap) is not trained again:
         # resuming it would evaluate again, or train another time budget
-        ended = summary.get("stop_reason") in ("max_steps", "time_budget", "target_accuracy", "curriculum_complete",
-                                               "stage_budget") and summary.get("status") in ("finished", "stopped")
-        if ended:
+        if run.ended:
+            summary = run.summary
             result_step, reason = summary["final_step"], summary.get("stop_reason")
         else:
             result = train(cfg, run_dir, resume=True, progress=progress)

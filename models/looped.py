@@ -16,6 +16,7 @@ changes the default (and so ``cfg.n_layers``) for code, like TL's patching, that
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
@@ -366,9 +367,8 @@ class LoopedTransformer(HookedRootModule):
         """``cfg.feedback * softmax(ln_final(state) @ W_U + b_U) @ W_E`` at every position: the model's
         current soft answer, re-embedded. Computed functionally with the final LN's and the unembedding's
         weights (no coda, and no readout hook fires), so each hook still fires once per forward pass."""
-        ln = self.ln_final
-        centred = state - state.mean(-1, keepdim=True)
-        normed = centred / (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt() * ln.params.w + ln.params.b
+        ln = self.ln_final  # TransformerLens's LN (centre, / sqrt(mean square + eps), affine) is F.layer_norm
+        normed = F.layer_norm(state, (self.cfg.d_model,), ln.params.w, ln.params.b, ln.eps)
         probs = (normed @ self.unembed.W_U + self.unembed.b_U).float().softmax(-1)
         return self.cfg.feedback * (probs.to(state.dtype) @ self.W_E)
 
@@ -415,16 +415,7 @@ class LoopedTransformer(HookedRootModule):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if return_type in ("loss", "both") and targets is None:
             raise ValueError("return_type='loss' needs `targets` (answer token ids, one per query)")
-        if backprop_last is not None and not 1 <= backprop_last <= T:
-            raise ValueError(f"backprop_last must be in [1, n_iterations={T}], got {backprop_last}")
-        self._grow(T)
-        self._bind(T)
-        state = self.embed_tokens(tokens)
-        injected = state
-        for t in range(T):
-            if backprop_last is not None and t == T - backprop_last:
-                state = state.detach()
-            state = self.iterate(state, t, injected)
+        (state,) = collections.deque(self._loop_states(tokens, T, backprop_last), maxlen=1)  # the last state only
         if return_type is None:
             return None
         logits = self.readout(state, T)
@@ -447,24 +438,31 @@ class LoopedTransformer(HookedRootModule):
         """
         tokens = self._check_tokens(tokens)
         T = self._check_iterations(n_iterations)
-        if backprop_last is not None and not 1 <= backprop_last <= T:
-            raise ValueError(f"backprop_last must be in [1, n_iterations={T}], got {backprop_last}")
-        self._grow(T)
-        self._bind(T)
         batch = torch.arange(tokens.shape[0], device=tokens.device)
         pos = self.readout_positions(tokens)
-        state = self.embed_tokens(tokens)
-        injected = state
         out = []
-        for t in range(T):
-            if backprop_last is not None and t == T - backprop_last:
-                state = state.detach()
-            state = self.iterate(state, t, injected)
+        for state in self._loop_states(tokens, T, backprop_last):
             if self.cfg.n_coda:  # the coda's attention needs every position
                 out.append(self.readout(state, T)[batch, pos])
             else:  # readout at the answer position only (final LN and unembedding are per position)
                 out.append(self.readout(state[batch, pos][:, None], T)[:, 0])
         return torch.stack(out)
+
+    def _loop_states(self, tokens: Tensor, T: int, backprop_last: int | None = None) -> Iterator[Tensor]:
+        """Embed, then run the loop T times, yielding the state after each iteration (truncated backprop:
+        gradients flow through the last ``backprop_last`` iterations only). The one loop driver of
+        forward() and answer_logits_by_iteration()."""
+        if backprop_last is not None and not 1 <= backprop_last <= T:
+            raise ValueError(f"backprop_last must be in [1, n_iterations={T}], got {backprop_last}")
+        self._grow(T)
+        self._bind(T)
+        state = self.embed_tokens(tokens)
+        injected = state
+        for t in range(T):
+            if backprop_last is not None and t == T - backprop_last:
+                state = state.detach()
+            state = self.iterate(state, t, injected)
+            yield state
 
     def answer_loss(self, logits: Tensor, tokens: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         targets = torch.as_tensor(targets, device=logits.device, dtype=torch.long)

@@ -200,6 +200,12 @@ class Run:
         return json.loads(path.read_text()) if path.exists() else {"status": "unknown"}
 
     @property
+    def ended(self) -> bool:
+        """The run stopped on its own and wrote its final summary: "finished" (max_steps, a target, the
+        curriculum) or "stopped" by its time budget. Not an interrupted, crashed or still running run."""
+        return self.summary.get("status") in ("finished", "stopped")
+
+    @property
     def checkpoints(self) -> list[int]:
         """Steps with a saved checkpoint, ascending."""
         return self.paths.checkpoint_steps()
