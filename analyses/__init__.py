@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 _EXPORTS = {
-    "STUDIES": "analyses.studies",
-    "StudyOptions": "analyses.studies.base",
-    "StudyResult": "analyses.studies.base",
-    "run_study": "analyses.studies",
-    "study_names": "analyses.studies",
-    "build_report": "analyses.report",
-    "report_runs": "analyses.report",
-    "judge_claims": "analyses.claims",
-    "reproduce": "analyses.reproduce",
-    "plan_for": "analyses.reproduce",
+    "STUDIES": "looplens.analyses.studies",
+    "StudyOptions": "looplens.analyses.studies.base",
+    "StudyResult": "looplens.analyses.studies.base",
+    "run_study": "looplens.analyses.studies",
+    "study_names": "looplens.analyses.studies",
+    "build_report": "looplens.analyses.report",
+    "report_runs": "looplens.analyses.report",
+    "judge_claims": "looplens.analyses.claims",
+    "reproduce": "looplens.analyses.reproduce",
+    "plan_for": "looplens.analyses.reproduce",
 }
 
 __all__ = sorted([*_EXPORTS, "shipped_run_path"])

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # verb module -> the function that adds its sub-commands to the parser
-_VERB_MODULES = ["data.cli", "models.cli", "analyses.commands", "app.cli"]
+_VERB_MODULES = ["looplens.data.cli", "looplens.models.cli", "looplens.analyses.commands", "looplens.app.cli"]
 
 
 class CLIError(Exception):

@@ -61,7 +61,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, base: Any = None) -> Any:
-    from analyses.studies.base import StudyOptions
+    from looplens.analyses.studies.base import StudyOptions
 
     base = base or StudyOptions()
     keys = ("n_queries", "max_iterations", "patch_pairs", "fixed_point_iterations", "depth_threshold", "halting_eps",
@@ -133,7 +133,7 @@ def grokking_speed_command(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from analyses import grokking_speed
+    from looplens.analyses import grokking_speed
 
     if not args.out:
         raise ValueError("--out DIR is required")
@@ -156,7 +156,7 @@ def grokking_speed_command(args: argparse.Namespace) -> int:
 
 
 def study_command(args: argparse.Namespace) -> int:
-    from analyses.studies import STUDIES, SUMMARIES
+    from looplens.analyses.studies import STUDIES, SUMMARIES
 
     if args.list:
         width = max(map(len, [*STUDIES, GROKKING_SPEED]))
@@ -177,7 +177,7 @@ def study_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    from analyses.studies import run_study
+    from looplens.analyses.studies import run_study
 
     result = run_study(args.name, args.runs, _options(args))
     result.save(out, overwrite=True)
@@ -190,7 +190,7 @@ def study_command(args: argparse.Namespace) -> int:
 
 
 def reproduce_command(args: argparse.Namespace) -> int:
-    from analyses.reproduce import ReproduceInterrupted, plan_for, reproduce
+    from looplens.analyses.reproduce import ReproduceInterrupted, plan_for, reproduce
 
     plan = plan_for(args.preset)
     extra = list(args.overrides)
@@ -236,7 +236,7 @@ def expand_runs(paths: list[str]) -> list[Path]:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from analyses.report import report_runs
+    from looplens.analyses.report import report_runs
 
     if args.out:
         out = Path(args.out)

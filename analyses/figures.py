@@ -11,9 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from looplens.interp.plots import LINE_COLORS, SEQUENTIAL_COLORSCALE, UNIT_RANGE
 from plotly.subplots import make_subplots
-
-from interp.plots import LINE_COLORS, SEQUENTIAL_COLORSCALE, UNIT_RANGE
 
 _Y_ACC = [UNIT_RANGE[0] - 0.02, UNIT_RANGE[1] + 0.02]
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-
-from data.provenance import atomic_write_text, provenance
+from looplens.data.provenance import atomic_write_text, provenance
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def run_grid(
     steps_to_id, epochs_to_id, seconds_to_id, steps_to_ood, epochs_to_ood, seconds_to_ood,
     final_id, final_ood, final_first_ood, final_second_ood, final_train, final_ood_atomic, overrides.
     """
-    from models.train import load_run, preset
+    from looplens.models.train import load_run, preset
 
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
@@ -168,14 +167,14 @@ def run_grid(
 
 
 def _finished(run_dir: Path) -> bool:
-    from models.train import load_run
+    from looplens.models.train import load_run
 
     return (run_dir / "config.json").exists() and load_run(run_dir).ended
 
 
 def _train_one(cfg, run_dir: Path, progress: bool) -> None:
     """Train (or continue) one grid run; top level so a spawned worker process can run it."""
-    from models.train import train
+    from looplens.models.train import train
 
     train(cfg, run_dir, resume=run_dir.exists(), progress=progress)
 
@@ -260,8 +259,7 @@ def figure(out: str | Path, table: pd.DataFrame, split: str = "test_inferred_id"
     """Accuracy of ``split`` over training (``x`` "step" or "epoch"), one line per run, coloured by
     intervention."""
     import plotly.express as px
-
-    from models.train import load_run
+    from looplens.models.train import load_run
 
     if x not in ("step", "epoch"):
         raise ValueError(f"x must be 'step' or 'epoch', got {x!r}")
@@ -300,7 +298,7 @@ def write_report(out: str | Path, table: pd.DataFrame, command: str, png: bool =
         atomic_write_text(out / f"{name}.html", html)
         pages.append(out / f"{name}.html")
     if png:
-        from analyses.report import export_png
+        from looplens.analyses.report import export_png
 
         export_png(pages)
     se = steps_or_epochs(table)

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from analyses.claims import RULES, ClaimResult, judge_claims
-from analyses.studies.base import StudyOptions, StudyResult, as_runs, runs_table, write_figure_html
-from data.provenance import atomic_write_text, provenance
+from looplens.analyses.claims import RULES, ClaimResult, judge_claims
+from looplens.analyses.studies.base import StudyOptions, StudyResult, as_runs, runs_table, write_figure_html
+from looplens.data.provenance import atomic_write_text, provenance
 
 VERDICT_COLORS = {"reproduced": "#1a7f37", "partly": "#9a6700", "not reproduced": "#cf222e", "not measured": "#6e7781"}
 MAX_TABLE_ROWS = 40
@@ -200,7 +199,7 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     A study that does not apply (e.g. "depth" without a depth-task run) is skipped with a note in the
     report; asking for it by name makes it an error instead.
     """
-    from analyses.studies import get_study, study_names
+    from looplens.analyses.studies import get_study, study_names
 
     options = options or StudyOptions()
     runs = as_runs(run_dirs)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analyses.studies.base import StudyOptions, dumps, jsonable
-from data.provenance import atomic_write_text, provenance
+from looplens.analyses.studies.base import StudyOptions, dumps, jsonable
+from looplens.data.provenance import atomic_write_text, provenance
 
 LEDGER_FORMAT = "looplens-reproduce-v1"
 STOP_ENV = "LOOPLENS_STOP_AFTER_STAGES"
@@ -48,7 +48,7 @@ class RunSpec:
     role: str = ""
 
     def config(self, extra: Sequence[str] = ()):
-        from models.train import preset
+        from looplens.models.train import preset
 
         return preset(self.preset).with_overrides([*self.overrides, *extra])
 
@@ -69,7 +69,7 @@ class Plan:
     extra_overrides: tuple[str, ...] = ()  # --set applied to every run
 
     def __post_init__(self) -> None:
-        from analyses.studies import STUDIES
+        from looplens.analyses.studies import STUDIES
 
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
@@ -99,7 +99,7 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------
 def _iso_flop(preset_name: str, R: int) -> list[str]:
     """Overrides giving the vanilla model as deep as ``preset_name``'s stack looped ``R`` times."""
-    from models.train import preset
+    from looplens.models.train import preset
 
     m = preset(preset_name).model
     return [f"model.n_blocks={m.n_blocks * R}", "model.n_iterations=1"]
@@ -136,7 +136,7 @@ def _smoke() -> Plan:
 
 def _tiny() -> Plan:
     comp, depth = "tiny-composition", "tiny-depth"
-    from models.train import preset
+    from looplens.models.train import preset
 
     R = preset(comp).train_iterations
     # Time caps keep the plan inside ~35 minutes on a busy 2-core machine; a capped run stops with
@@ -281,7 +281,7 @@ class ReproduceResult:
 
 
 def _train_stage(spec: RunSpec, plan: Plan, out: Path, progress: bool) -> dict[str, Any]:
-    from models.train import load_run, train
+    from looplens.models.train import load_run, train
 
     run_dir = out / "runs" / spec.name
     cfg = spec.config(plan.extra_overrides)
@@ -304,8 +304,8 @@ def _train_stage(spec: RunSpec, plan: Plan, out: Path, progress: bool) -> dict[s
 
 
 def _study_stage(name: str, run_names: Sequence[str], plan: Plan, out: Path, progress: bool) -> dict[str, Any]:
-    from analyses.studies import get_study
-    from analyses.studies.base import as_runs
+    from looplens.analyses.studies import get_study
+    from looplens.analyses.studies.base import as_runs
 
     runs = as_runs([out / "runs" / r for r in run_names])
     result = get_study(name).run(runs, plan.options.replace(progress=progress))
@@ -314,8 +314,8 @@ def _study_stage(name: str, run_names: Sequence[str], plan: Plan, out: Path, pro
 
 
 def _report_stage(plan: Plan, out: Path, ledger: Ledger) -> dict[str, Any]:
-    from analyses.report import build_report
-    from analyses.studies.base import StudyResult, as_runs, runs_table
+    from looplens.analyses.report import build_report
+    from looplens.analyses.studies.base import StudyResult, as_runs, runs_table
 
     results = [StudyResult.load(out / "studies" / s) for s, _ in plan.studies]
     runs = runs_table(as_runs([out / "runs" / r.name for r in plan.runs]))
@@ -338,9 +338,8 @@ def reproduce(plan: Plan | str, out: str | os.PathLike, *, progress: bool = True
     the studies run (the trainer sets its own from run.threads); None leaves torch's setting.
     """
     import torch
-
-    from analyses.claims import judge_claims
-    from analyses.studies.base import load_findings
+    from looplens.analyses.claims import judge_claims
+    from looplens.analyses.studies.base import load_findings
 
     plan = plan_for(plan) if isinstance(plan, str) else plan
     out = Path(out)

@@ -67,7 +67,7 @@ def build_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.runs import default_run_dirs, expand_run_dirs
+    from looplens.app.runs import default_run_dirs, expand_run_dirs
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")

@@ -12,8 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-
-from interp.plots import LINE_COLORS, SEQUENTIAL_COLORSCALE, UNIT_RANGE
+from looplens.interp.plots import LINE_COLORS, SEQUENTIAL_COLORSCALE, UNIT_RANGE
 
 # Splits in reading order: training first, then in-distribution, then out-of-distribution.
 SPLIT_ORDER = ["train_batch", "train", "id_atomic", "ood_atomic", "train_inferred", "test_inferred_id",
@@ -106,8 +105,8 @@ def _split_rank(split: str) -> int:
 def grokking_stages(frames: Mapping[str, pd.DataFrame], train_iterations: Mapping[str, int],
                     threshold: float) -> pd.DataFrame:
     """interp.grokking_stages of every run that has the composition splits, at its training count."""
-    from interp import grokking_stages as stages_of
-    from interp.grokking import DEFAULT_SPLITS
+    from looplens.interp import grokking_stages as stages_of
+    from looplens.interp.grokking import DEFAULT_SPLITS
 
     parts = []
     for run, frame in frames.items():
@@ -238,7 +237,7 @@ def target_label(target: str, lens: pd.DataFrame) -> str:
 
 def lens_heatmap(lens: pd.DataFrame, target: str, value: str) -> go.Figure:
     """interp.plots' logit-lens heatmap of one target; ranks drawn so that bright = decoded (rank 0)."""
-    from interp.plots import logit_lens_heatmap
+    from looplens.interp.plots import logit_lens_heatmap
 
     fig = logit_lens_heatmap(lens, value=value, target=target, example=0)
     if value == "rank":
@@ -262,7 +261,7 @@ def hops_table(located: pd.DataFrame) -> pd.DataFrame:
 
 
 def attention(att: pd.DataFrame) -> go.Figure:
-    from interp.plots import attention_heatmap
+    from looplens.interp.plots import attention_heatmap
 
     fig = attention_heatmap(att, example=0)
     fig.update_layout(title=None)
@@ -293,7 +292,7 @@ def pair_columns(pairs: pd.DataFrame) -> tuple:
 
 
 def patching(effect: pd.DataFrame) -> go.Figure:
-    from interp.plots import patching_heatmap
+    from looplens.interp.plots import patching_heatmap
 
     fig = patching_heatmap(effect)
     fig.update_layout(title=None)
@@ -318,7 +317,7 @@ def _mark_training_count(fig: go.Figure, x: float) -> None:
 
 
 def fixed_points(fixed: pd.DataFrame, measure: str, train_iterations: int) -> go.Figure:
-    from interp.plots import fixed_points_figure
+    from looplens.interp.plots import fixed_points_figure
 
     fig = fixed_points_figure(fixed, measure)
     fig.update_layout(title=None)
@@ -333,7 +332,7 @@ def spectral_table(radius: pd.DataFrame) -> pd.DataFrame:
 
 
 def overthinking(curves: pd.DataFrame, value: str, train_iterations: int) -> go.Figure:
-    from interp.plots import overthinking_figure
+    from looplens.interp.plots import overthinking_figure
 
     fig = overthinking_figure(curves, value)
     fig.update_layout(title=None)
@@ -342,7 +341,7 @@ def overthinking(curves: pd.DataFrame, value: str, train_iterations: int) -> go.
 
 
 def overthinking_table(curves: pd.DataFrame) -> pd.DataFrame:
-    from interp import overthinking_summary
+    from looplens.interp import overthinking_summary
 
     s = overthinking_summary(curves)
     keep = {"hops": "hops", "n_examples": "queries", "peak_iteration": "peak margin at iteration",

@@ -9,8 +9,7 @@ import logging
 from pathlib import Path
 
 import streamlit as st
-
-from app import ui
+from looplens.app import ui
 
 # Not "pages/": Streamlit would also serve a pages/ folder as old-style pages, bypassing this script
 # (and its sidebar) when a page URL is opened directly.

@@ -15,8 +15,7 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-
-from app.runs import check_run_dir
+from looplens.app.runs import check_run_dir
 
 
 def _stamp(path: Path) -> tuple[float, int]:
@@ -33,7 +32,7 @@ def _stamp(path: Path) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=64)
 def _open_run(path: str, stamp: tuple[float, int]) -> Any:
-    from models.train import load_run
+    from looplens.models.train import load_run
 
     check_run_dir(Path(path))
     return load_run(path)
@@ -49,7 +48,7 @@ def run_problem(path: str) -> str | None:
     try:
         open_run(path)
     except Exception as err:  # noqa: BLE001 - every failure becomes a sidebar message
-        from app.ui import error_message
+        from looplens.app.ui import error_message
 
         return error_message(err)
     return None
@@ -156,7 +155,7 @@ def eval_table(path: str, name: str) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=32)
 def evaluate(path: str, step: int, max_iterations: int) -> pd.DataFrame:
     """Accuracy per split x hops at 1..max_iterations for one checkpoint (models.train.evaluate)."""
-    from models.train import evaluate as evaluate_run
+    from looplens.models.train import evaluate as evaluate_run
 
     return evaluate_run(open_run(path), checkpoint=int(step), iterations=range(1, int(max_iterations) + 1))
 
@@ -221,7 +220,7 @@ def sample_rows(path: str, split: str, n: int, seed: int = 0) -> pd.DataFrame:
 # Analyses: one cached call into interp each
 # ---------------------------------------------------------------------------------------------------
 def _targets(path: str, query: dict) -> dict | None:
-    from interp import hop_targets
+    from looplens.interp import hop_targets
 
     if query["chain"] is None:
         return None
@@ -233,8 +232,7 @@ def _targets(path: str, query: dict) -> dict | None:
 @st.cache_data(show_spinner=False, max_entries=128)
 def logit_lens(path: str, step: int, query: str, n_iterations: int) -> pd.DataFrame:
     """interp.logit_lens of one query at every position, for its chain's entities (or the prediction)."""
-    import interp
-
+    from looplens import interp
     q = parse_query(path, query)
     return interp.logit_lens(model(path, step), [q["query"]], _targets(path, q), n_iterations=n_iterations,
                              positions="all", entities_only=True, progress=False)
@@ -242,8 +240,7 @@ def logit_lens(path: str, step: int, query: str, n_iterations: int) -> pd.DataFr
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def locate_hops(path: str, step: int, query: str, n_iterations: int) -> pd.DataFrame:
-    import interp
-
+    from looplens import interp
     q = parse_query(path, query)
     if q["chain"] is None:
         return pd.DataFrame()
@@ -255,8 +252,7 @@ def locate_hops(path: str, step: int, query: str, n_iterations: int) -> pd.DataF
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def attention(path: str, step: int, query: str, n_iterations: int) -> pd.DataFrame:
-    import interp
-
+    from looplens import interp
     q = parse_query(path, query)
     return interp.attention_by_iteration(model(path, step), [q["query"]], n_iterations=n_iterations, progress=False)
 
@@ -264,8 +260,7 @@ def attention(path: str, step: int, query: str, n_iterations: int) -> pd.DataFra
 @st.cache_data(show_spinner=False, max_entries=64)
 def patching_pairs(path: str, split: str | None, hops: int, corrupt: str, position: int | None, n: int,
                    seed: int) -> pd.DataFrame:
-    import interp
-
+    from looplens import interp
     return interp.make_patching_pairs(dataset(path), n, hops=hops, corrupt=corrupt, position=position,
                                       split=split, seed=seed)
 
@@ -274,8 +269,7 @@ def patching_pairs(path: str, split: str | None, hops: int, corrupt: str, positi
 def patching(path: str, step: int, clean: tuple[str, ...], corrupted: tuple[str, ...], clean_answers: tuple[str, ...],
              corrupted_answers: tuple[str, ...] | None, hook: str, n_iterations: int) -> pd.DataFrame:
     """interp.activation_patching of clean -> corrupted pairs, one cell per (layer, position[, head])."""
-    import interp
-
+    from looplens import interp
     return interp.activation_patching(model(path, step), list(clean), list(corrupted), list(clean_answers),
                                       None if corrupted_answers is None else list(corrupted_answers),
                                       hook=hook, n_iterations=n_iterations, progress=False)
@@ -286,8 +280,7 @@ def patching(path: str, step: int, clean: tuple[str, ...], corrupted: tuple[str,
 # ---------------------------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=32)
 def fixed_points(path: str, step: int, split: str, n: int, n_iterations: int) -> pd.DataFrame:
-    import interp
-
+    from looplens import interp
     rows = sample_rows(path, split, n)
     return interp.fixed_points(model(path, step), rows["query"].tolist(), n_iterations=n_iterations,
                                positions="all", progress=False)
@@ -295,8 +288,7 @@ def fixed_points(path: str, step: int, split: str, n: int, n_iterations: int) ->
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def spectral_radius(path: str, step: int, split: str, n: int, n_iterations: int) -> pd.DataFrame:
-    import interp
-
+    from looplens import interp
     rows = sample_rows(path, split, n)
     return interp.spectral_radius(model(path, step), rows["query"].tolist(), n_iterations=n_iterations,
                                   n_steps=40, progress=False)
@@ -304,8 +296,7 @@ def spectral_radius(path: str, step: int, split: str, n: int, n_iterations: int)
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def overthinking(path: str, step: int, split: str, n: int, max_iterations: int) -> pd.DataFrame:
-    import interp
-
+    from looplens import interp
     rows = sample_rows(path, split, n)
     return interp.overthinking(model(path, step), rows["query"].tolist(), rows["answer"].tolist(),
                                max_iterations=max_iterations, progress=False)
@@ -315,7 +306,7 @@ def overthinking(path: str, step: int, split: str, n: int, max_iterations: int) 
 def halting(path: str, step: int, split: str, rule: str, eps: float, entropy: float,
             max_iterations: int) -> pd.DataFrame:
     """Accuracy and mean iterations used under an adaptive halting rule (models.train.evaluate)."""
-    from models.train import evaluate as evaluate_run
+    from looplens.models.train import evaluate as evaluate_run
 
     return evaluate_run(open_run(path), checkpoint=int(step), iterations=[], splits=[split], halting=rule,
                         eps=eps, entropy=entropy, max_iterations=max_iterations)
@@ -324,7 +315,7 @@ def halting(path: str, step: int, split: str, rule: str, eps: float, entropy: fl
 @st.cache_data(show_spinner=False, max_entries=32)
 def fixed_iterations(path: str, step: int, split: str, max_iterations: int) -> pd.DataFrame:
     """Accuracy at each fixed iteration count 1..max_iterations (models.train.evaluate)."""
-    from models.train import evaluate as evaluate_run
+    from looplens.models.train import evaluate as evaluate_run
 
     return evaluate_run(open_run(path), checkpoint=int(step), iterations=range(1, max_iterations + 1),
                         splits=[split])

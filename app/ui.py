@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import streamlit as st
-
-from app import state
-from app.runs import run_dirs_from_env, run_label, shipped_run_dir
+from looplens.app import state
+from looplens.app.runs import run_dirs_from_env, run_label, shipped_run_dir
 
 log = logging.getLogger("looplens.app")
 

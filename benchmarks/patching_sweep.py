@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from data import Vocab, make_world
-from interp import activation_patching, logit_diff, make_patching_pairs
-from models import LoopedConfig, LoopedTransformer
+from looplens.data import Vocab, make_world
+from looplens.interp import activation_patching, logit_diff, make_patching_pairs
+from looplens.models import LoopedConfig, LoopedTransformer
 
 REPEATS = 5
 OUT = Path(__file__).resolve().parent / "results" / "patching_sweep.json"

@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.train import preset  # noqa: E402
-from models.train.trainer import Trainer  # noqa: E402
+from looplens.models.train import preset  # noqa: E402
+from looplens.models.train.trainer import Trainer  # noqa: E402
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 

@@ -2,7 +2,7 @@
 
 The public API (see docs/data.md)::
 
-    from data import (DataConfig, World, Vocab, Dataset, EncodedSplit,
+    from looplens.data import (DataConfig, World, Vocab, Dataset, EncodedSplit,
                       make_world, build_dataset, load_dataset, ensure_dataset, shortcut_rate)
 
 Names are imported lazily (PEP 562), so ``import data.cli`` (done for every ``looplens`` command,
@@ -15,23 +15,23 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataConfig": "data.config",
-    "Facts": "data.facts",
-    "export_grokked": "data.grokked",
-    "import_grokked": "data.grokked",
-    "shortcut_rate": "data.shortcuts",
-    "Dataset": "data.storage",
-    "EncodedSplit": "data.storage",
-    "build_dataset": "data.storage",
-    "ensure_dataset": "data.storage",
-    "load_dataset": "data.storage",
-    "COMPOSITION_SPLITS": "data.tasks",
-    "DEPTH_SPLITS": "data.tasks",
-    "TRAIN_SAMPLES": "data.tasks",
-    "generate": "data.tasks",
-    "Vocab": "data.vocab",
-    "World": "data.worlds",
-    "make_world": "data.worlds",
+    "DataConfig": "looplens.data.config",
+    "Facts": "looplens.data.facts",
+    "export_grokked": "looplens.data.grokked",
+    "import_grokked": "looplens.data.grokked",
+    "shortcut_rate": "looplens.data.shortcuts",
+    "Dataset": "looplens.data.storage",
+    "EncodedSplit": "looplens.data.storage",
+    "build_dataset": "looplens.data.storage",
+    "ensure_dataset": "looplens.data.storage",
+    "load_dataset": "looplens.data.storage",
+    "COMPOSITION_SPLITS": "looplens.data.tasks",
+    "DEPTH_SPLITS": "looplens.data.tasks",
+    "TRAIN_SAMPLES": "looplens.data.tasks",
+    "generate": "looplens.data.tasks",
+    "Vocab": "looplens.data.vocab",
+    "World": "looplens.data.worlds",
+    "make_world": "looplens.data.worlds",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,7 @@ import argparse
 import time
 from typing import Any
 
-from data.config import TASKS, WORLDS, DataConfig
+from looplens.data.config import TASKS, WORLDS, DataConfig
 
 _D = DataConfig()
 # CLI flag of each DataConfig field, so validation errors name what the user typed
@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> DataConfig:
 
 def generate_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from data.storage import build_dataset, load_dataset
+    from looplens.data.storage import build_dataset, load_dataset
 
     start = time.perf_counter()
     path = build_dataset(cfg, args.out, overwrite=args.overwrite)
@@ -134,8 +134,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from data.grokked import import_grokked
-    from data.storage import load_dataset
+    from looplens.data.grokked import import_grokked
+    from looplens.data.storage import load_dataset
 
     path = import_grokked(args.source, args.out, overwrite=args.overwrite)
     _summary(load_dataset(path), f"imported from {args.source}")
@@ -146,7 +146,7 @@ def export_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from data.grokked import export_grokked
+    from looplens.data.grokked import export_grokked
 
     dst = export_grokked(args.dataset, args.out, overwrite=args.overwrite)
     sizes = {name: len(json.loads((Path(dst) / name).read_text())) for name in

@@ -29,14 +29,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-from data.config import DataConfig
-from data.facts import PAD, Facts
-from data.provenance import atomic_dir
-from data.storage import Dataset, load_dataset, sha256_bytes, write_dataset
-from data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, Generated
-from data.vocab import Vocab
-from data.worlds import MISSING, World
+from looplens.data.config import DataConfig
+from looplens.data.facts import PAD, Facts
+from looplens.data.provenance import atomic_dir
+from looplens.data.storage import Dataset, load_dataset, sha256_bytes, write_dataset
+from looplens.data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, Generated
+from looplens.data.vocab import Vocab
+from looplens.data.worlds import MISSING, World
 
 SIDECAR = "looplens.json"
 SPECIAL_TOKENS = ["<mask>", "<sep>", "<a>", "</a>", "<q>", "</q>"]

@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from data.sampling import rng_for
-from data.vocab import Vocab
+from looplens.data.sampling import rng_for
+from looplens.data.vocab import Vocab
 
 
 def shortcut_rate(world_or_dataset: Any, rows: Any, suffix_len: int = 1) -> dict:

@@ -27,13 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
-
-from data.config import DataConfig
-from data.facts import PAD, Facts
-from data.provenance import atomic_dir, provenance
-from data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, TRAIN_SAMPLES, Generated, generate
-from data.vocab import Vocab
-from data.worlds import World
+from looplens.data.config import DataConfig
+from looplens.data.facts import PAD, Facts
+from looplens.data.provenance import atomic_dir, provenance
+from looplens.data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, TRAIN_SAMPLES, Generated, generate
+from looplens.data.vocab import Vocab
+from looplens.data.worlds import World
 
 FORMAT = "looplens-dataset"
 FORMAT_VERSION = 1
@@ -209,7 +208,7 @@ class Dataset:
     """A dataset directory, verified on load. Splits are read (and re-verified) on first use, then cached.
 
     >>> import tempfile
-    >>> from data import DataConfig, build_dataset, load_dataset
+    >>> from looplens.data import DataConfig, build_dataset, load_dataset
     >>> cfg = DataConfig(task="depth", world="permutation", n_entities=8, n_relations=2,
     ...                  max_hops=3, per_hop_train=6, per_hop_test=2, eval_max=4)
     >>> tmp = tempfile.TemporaryDirectory()

@@ -17,11 +17,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from data.config import DataConfig
-from data.facts import Facts
-from data.sampling import rng_for, sample_rows, sample_without_replacement
-from data.worlds import World, make_world
+from looplens.data.config import DataConfig
+from looplens.data.facts import Facts
+from looplens.data.sampling import rng_for, sample_rows, sample_without_replacement
+from looplens.data.worlds import World, make_world
 
 COMPOSITION_SPLITS = (
     "train",

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from jaxtyping import Int
-
-from data.config import WORLDS
-from data.sampling import rng_for
+from looplens.data.config import WORLDS
+from looplens.data.sampling import rng_for
 
 MISSING = -1  # tails[e, r] when entity e has no relation r
 

@@ -4,17 +4,17 @@ Each function takes the model, the queries (token ids or strings such as "e17 r3
 cache, and returns a tidy pandas DataFrame (one row per measurement; columns documented in each
 docstring). Figure builders over those frames live in :mod:`interp.plots`. See docs/interp.md.
 
->>> from interp import logit_lens, locate_hops, activation_patching, fixed_points
+>>> from looplens.interp import logit_lens, locate_hops, activation_patching, fixed_points
 """
 
-from interp._common import layer_table
-from interp.attention import attention_by_iteration
-from interp.fixed_points import fixed_point_summary, fixed_points, spectral_radius
-from interp.grokking import grokking_stages, read_metrics
-from interp.hops import hop_resolution_distribution, locate_hops, resolve_hops, summarize_hops
-from interp.lens import hop_targets, logit_lens
-from interp.overthinking import overthinking, overthinking_summary
-from interp.patching import activation_patching, logit_diff, make_patching_pairs
+from looplens.interp._common import layer_table
+from looplens.interp.attention import attention_by_iteration
+from looplens.interp.fixed_points import fixed_point_summary, fixed_points, spectral_radius
+from looplens.interp.grokking import grokking_stages, read_metrics
+from looplens.interp.hops import hop_resolution_distribution, locate_hops, resolve_hops, summarize_hops
+from looplens.interp.lens import hop_targets, logit_lens
+from looplens.interp.overthinking import overthinking, overthinking_summary
+from looplens.interp.patching import activation_patching, logit_diff, make_patching_pairs
 
 __all__ = [
     "activation_patching",

@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
+from looplens.models import LoopedTransformer
 from torch import Tensor
 from tqdm import tqdm
-
-from models import LoopedTransformer
 
 # What callers may pass wherever a batch of queries is expected.
 Queries = Tensor | np.ndarray | str | Sequence[str] | pd.Series
@@ -125,7 +124,7 @@ def layer_table(model: LoopedTransformer, n_iterations: int, embed: bool = False
     ``n_iterations`` after it (coda). block is the core block within an iteration (the layer itself for a
     vanilla model, which is one iteration of several blocks), the prelude/coda index, or -1 for the embed.
 
-    >>> from models import LoopedConfig, LoopedTransformer
+    >>> from looplens.models import LoopedConfig, LoopedTransformer
     >>> m = LoopedTransformer(LoopedConfig(d_vocab=9, n_ctx=3, d_model=8, n_heads=2, n_blocks=2, n_iterations=2))
     >>> layer_table(m, 2, embed=True)[["layer", "iteration", "block"]].values.tolist()
     [[-1, -1, -1], [0, 0, 0], [1, 0, 1], [2, 1, 0], [3, 1, 1]]

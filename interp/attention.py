@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-
-from interp._common import (
+from looplens.interp._common import (
     Queries,
     analysis_mode,
     as_tokens,
@@ -21,7 +20,7 @@ from interp._common import (
     layer_table,
     token_strings,
 )
-from models import LoopedTransformer
+from looplens.models import LoopedTransformer
 
 ATTENTION_COLUMNS = {
     "example": "int64",

@@ -15,9 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from torch import Tensor
-
-from interp._common import (
+from looplens.interp._common import (
     Queries,
     analysis_mode,
     as_tokens,
@@ -27,7 +25,8 @@ from interp._common import (
     frame,
     prepare,
 )
-from models import LoopedTransformer
+from looplens.models import LoopedTransformer
+from torch import Tensor
 
 FIXED_POINT_COLUMNS = {
     "example": "int64",

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from interp._common import check_positive_int
+from looplens.interp._common import check_positive_int
 
 STAGES = ("train", "test_id", "test_ood")
 PHASES = {"train": "memorisation", "test_id": "in-distribution", "test_ood": "systematic"}

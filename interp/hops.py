@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from looplens.interp._common import Queries, TokenIds, as_token_ids, as_tokens, check_choice
+from looplens.interp.lens import hop_targets, logit_lens
+from looplens.models import LoopedTransformer
 from torch import Tensor
-
-from interp._common import Queries, TokenIds, as_token_ids, as_tokens, check_choice
-from interp.lens import hop_targets, logit_lens
-from models import LoopedTransformer
 
 HOP_COLUMNS = {
     "example": "int64",

@@ -14,9 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
-from torch import Tensor
-
-from interp._common import (
+from looplens.interp._common import (
     Queries,
     TokenIds,
     analysis_mode,
@@ -37,7 +35,8 @@ from interp._common import (
     to_candidate_index,
     token_strings,
 )
-from models import LoopedTransformer
+from looplens.models import LoopedTransformer
+from torch import Tensor
 
 LENS_COLUMNS = {
     "example": "int64",
@@ -143,7 +142,7 @@ def logit_lens(
         iff top-1), entropy (float64, nats), top_token (int64, the decoded top-1), top_str (str), top_prob
         (float64). Layer l's row decodes resid_post of virtual layer l.
 
-    >>> from models import LoopedConfig, LoopedTransformer
+    >>> from looplens.models import LoopedConfig, LoopedTransformer
     >>> m = LoopedTransformer(LoopedConfig(d_vocab=9, n_ctx=3, d_model=8, n_heads=2, n_blocks=2, seed=0))
     >>> df = logit_lens(m, torch.tensor([[1, 5, 6]]), torch.tensor([2]), n_iterations=3, progress=False)
     >>> len(df), df.layer.tolist()   # the embedding (-1), then 3 iterations x 2 blocks

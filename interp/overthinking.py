@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
-
-from interp._common import (
+from looplens.interp._common import (
     Queries,
     TokenIds,
     analysis_mode,
@@ -28,7 +26,8 @@ from interp._common import (
     target_stats,
     to_candidate_index,
 )
-from models import LoopedTransformer
+from looplens.models import LoopedTransformer
+from torch import Tensor
 
 OVERTHINKING_COLUMNS = {
     "example": "int64",

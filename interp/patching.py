@@ -18,9 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
-
-from interp._common import (
+from looplens.interp._common import (
     HOOKS,
     Queries,
     TokenIds,
@@ -36,7 +34,8 @@ from interp._common import (
     progress_bar,
     readout_logits,
 )
-from models import LoopedTransformer
+from looplens.models import LoopedTransformer
+from torch import Tensor
 
 PATCH_COLUMNS = {
     "hook": object,

@@ -18,10 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from looplens.interp._common import layer_label
+from looplens.interp.hops import hop_resolution_distribution
 from plotly.subplots import make_subplots
-
-from interp._common import layer_label
-from interp.hops import hop_resolution_distribution
 
 SEQUENTIAL_COLORSCALE = "Viridis"
 DIVERGING_COLORSCALE = "RdBu"

@@ -1,10 +1,10 @@
 """The hooked looped transformer: config, model, halting rules, checkpoints.
 
->>> from models import LoopedConfig, LoopedTransformer
+>>> from looplens.models import LoopedConfig, LoopedTransformer
 """
 
-from models.config import LoopedConfig
-from models.halting import (
+from looplens.models.config import LoopedConfig
+from looplens.models.halting import (
     EntropyHalting,
     HaltingRule,
     KLEntropyHalting,
@@ -12,7 +12,7 @@ from models.halting import (
     LatentChangeHalting,
     make_halting_rule,
 )
-from models.looped import AdaptiveOutput, LoopedActivationCache, LoopedTransformer, ModelAtIterations
+from looplens.models.looped import AdaptiveOutput, LoopedActivationCache, LoopedTransformer, ModelAtIterations
 
 __all__ = [
     "AdaptiveOutput",

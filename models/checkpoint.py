@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from looplens.data.provenance import atomic_write_bytes, atomic_write_text, provenance
+from looplens.models.config import LoopedConfig
 from safetensors.torch import load_file, save
-
-from data.provenance import atomic_write_bytes, atomic_write_text, provenance
-from models.config import LoopedConfig
 
 FORMAT = "looplens-checkpoint-v1"
 
@@ -83,7 +82,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", **expe
     Raises ValueError / FileNotFoundError naming the file and the mismatch: missing files, a changed
     weights file (sha256), config keys, tensor names or shapes that do not match the architecture.
     """
-    from models.looped import LoopedTransformer
+    from looplens.models.looped import LoopedTransformer
 
     weights_path, sidecar_path = checkpoint_files(path)
     sidecar = read_sidecar(path)
@@ -111,7 +110,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", **expe
             )
     model.load_state_dict(state, strict=True)
     if sidecar.get("vocab"):
-        from data import Vocab
+        from looplens.data import Vocab
 
         model.vocab = Vocab(**sidecar["vocab"])
     model.checkpoint_meta = sidecar

@@ -84,7 +84,7 @@ def register(subparsers: Any) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from models.train import TrainConfig, preset
+    from looplens.models.train import TrainConfig, preset
 
     if args.preset:
         cfg = preset(args.preset)
@@ -109,7 +109,7 @@ def _flag_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from models.train import load_run, preset_summaries, train
+    from looplens.models.train import load_run, preset_summaries, train
 
     if args.list_presets:
         summaries = preset_summaries()
@@ -135,9 +135,9 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from models.train import evaluate, format_tables, load_run
-    from models.train.evaluate_run import default_output, write_csv
-    from models.train.evaluation import parse_range
+    from looplens.models.train import evaluate, format_tables, load_run
+    from looplens.models.train.evaluate_run import default_output, write_csv
+    from looplens.models.train.evaluation import parse_range
 
     run = load_run(args.run)
     iterations = parse_range(args.iterations, "--iterations") if args.iterations else None

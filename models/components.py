@@ -18,10 +18,9 @@ import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+from looplens.models.config import LoopedConfig
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
-
-from models.config import LoopedConfig
 
 _ACTIVATIONS = {
     "gelu": F.gelu,

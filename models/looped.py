@@ -28,12 +28,17 @@ import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from looplens.models.components import (
+    BlockParams,
+    LayerNorm,
+    LayerNormParams,
+    TransformerBlock,
+    init_block_params,
+)
+from looplens.models.config import LoopedConfig
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
-
-from models.components import BlockParams, LayerNorm, LayerNormParams, TransformerBlock, init_block_params
-from models.config import LoopedConfig
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _LOOP_NAME = re.compile(r"^loop\.(\d+)\.blocks\.(\d+)\.(.+)$")
@@ -644,7 +649,7 @@ class LoopedTransformer(HookedRootModule):
         """Save physical weights (safetensors) + config + provenance into directory ``path``
         (``path/model.safetensors`` + ``path/model.json``). For a file stem use
         :func:`models.checkpoint.save_checkpoint`."""
-        from models.checkpoint import save_checkpoint
+        from looplens.models.checkpoint import save_checkpoint
 
         Path(path).mkdir(parents=True, exist_ok=True)
         return save_checkpoint(self, Path(path) / "model", **meta)
@@ -652,7 +657,7 @@ class LoopedTransformer(HookedRootModule):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", **expect: Any) -> LoopedTransformer:
         """Load a checkpoint written by :meth:`save`, checking its integrity and config."""
-        from models.checkpoint import load_checkpoint
+        from looplens.models.checkpoint import load_checkpoint
 
         return load_checkpoint(path, device=device, **expect)
 

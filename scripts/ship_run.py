@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def stage_steps(run_dir: Path, iterations: int, thresholds: list[float]) -> list[int]:
     """Steps at which train / ID / OOD first pass each threshold (interp.grokking_stages)."""
-    from interp import grokking_stages
+    from looplens.interp import grokking_stages
 
     steps: list[int] = []
     for threshold in thresholds:

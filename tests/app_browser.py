@@ -96,7 +96,7 @@ def serve_app(runs: list[Path], log: Path, timeout: float = 90) -> Iterator[str]
     """`looplens app RUNS` on 127.0.0.1 at a free port; yields its URL; stops it by PID afterwards."""
     port = free_port()
     looplens = Path(sys.executable).with_name("looplens")
-    cmd = [str(looplens)] if looplens.exists() else [sys.executable, "-m", "analyses.cli"]
+    cmd = [str(looplens)] if looplens.exists() else [sys.executable, "-m", "looplens.analyses.cli"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
         proc = subprocess.Popen([*cmd, "app", *map(str, runs), "--host", "127.0.0.1", "--port", str(port)],

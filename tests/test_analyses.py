@@ -11,13 +11,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from analyses import claims, shipped_run_path
-from analyses.cli import main
-from analyses.report import build_report, markdown_table
-from analyses.studies import STUDIES, run_study
-from analyses.studies.base import StudyOptions, StudyResult, accuracy_curves, as_runs, load_findings, run_info
-from analyses.studies.depth import answered_depth, depth_profile
+from looplens.analyses import claims, shipped_run_path
+from looplens.analyses.cli import main
+from looplens.analyses.report import build_report, markdown_table
+from looplens.analyses.studies import STUDIES, run_study
+from looplens.analyses.studies.base import (
+    StudyOptions,
+    StudyResult,
+    accuracy_curves,
+    as_runs,
+    load_findings,
+    run_info,
+)
+from looplens.analyses.studies.depth import answered_depth, depth_profile
 
 SMALL = ["--n-queries", "24", "--max-iterations", "6", "--patch-pairs", "8", "--fixed-point-iterations", "6"]
 OPTIONS = StudyOptions(n_queries=24, max_iterations=6, patch_pairs=8, fixed_point_iterations=6)
@@ -35,7 +41,7 @@ STUDY_RUNS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    from models.train import preset, train
+    from looplens.models.train import preset, train
 
     root = tmp_path_factory.mktemp("analyses") / "runs"
     comp = preset("smoke-composition").with_overrides(["run.max_steps=150", "eval.every=50"])
@@ -160,7 +166,7 @@ def test_report_cli_named_study_must_apply(runs, tmp_path, capsys):
 
 @pytest.mark.browser
 def test_report_png(runs, tmp_path):
-    from analyses.report import chromium_path
+    from looplens.analyses.report import chromium_path
 
     assert chromium_path() is not None, "the browser tests need Chromium"
     assert main(["report", str(runs / "comp-looped"), "--out", str(tmp_path / "r"), "--studies", "systematic",
@@ -323,7 +329,7 @@ def test_shipped_run_path():
 def test_run_copied_to_a_read_only_place_rebuilds_its_dataset_in_the_cache(runs, tmp_path, monkeypatch):
     import shutil
 
-    import analyses.studies.base as base
+    import looplens.analyses.studies.base as base
 
     shutil.copytree(runs / "comp-looped", tmp_path / "pkg" / "shipped_run")
     meta = json.loads((tmp_path / "pkg" / "shipped_run" / "config.json").read_text())

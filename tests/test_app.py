@@ -13,10 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from looplens.app import cli as app_cli
+from looplens.app.runs import RUNS_ENV, SHIPPED_RUN_ENV, check_run_dir, default_run_dirs, expand_run_dirs
 from streamlit.testing.v1 import AppTest
-
-from app import cli as app_cli
-from app.runs import RUNS_ENV, SHIPPED_RUN_ENV, check_run_dir, default_run_dirs, expand_run_dirs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "app_runs"
 MAIN = str(Path(app_cli.__file__).with_name("main.py"))
@@ -68,7 +67,7 @@ def shape(z) -> tuple[int, ...]:
 # CLI and run discovery
 # ---------------------------------------------------------------------------------------------------
 def test_cli_registered_with_help(capsys):
-    from analyses.cli import main
+    from looplens.analyses.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["app", "--help"])
@@ -79,7 +78,7 @@ def test_cli_registered_with_help(capsys):
 
 def test_cli_execs_headless_streamlit(monkeypatch, capsys, runs):
     """`looplens app DIR --port N` replaces itself by a headless streamlit on 127.0.0.1 (same PID)."""
-    from analyses.cli import main
+    from looplens.analyses.cli import main
 
     calls = []
     monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
@@ -94,7 +93,7 @@ def test_cli_execs_headless_streamlit(monkeypatch, capsys, runs):
 
 
 def test_cli_bad_port_and_missing_dir(monkeypatch, capsys, tmp_path):
-    from analyses.cli import main
+    from looplens.analyses.cli import main
 
     monkeypatch.setattr(os, "execve", lambda *a: None)
     assert main(["app", "--port", "0"]) == 2
@@ -313,9 +312,8 @@ def test_query_leaving_a_random_tail_world(monkeypatch, tmp_path):
     """A well-formed query whose chain has no fact at some hop is explained, not an error; the builder
     offers only the relations an entity has."""
     import numpy as np
-
-    from app import state
-    from data import DataConfig, build_dataset, load_dataset
+    from looplens.app import state
+    from looplens.data import DataConfig, build_dataset, load_dataset
 
     cfg = DataConfig(task="composition", world="random-tail", n_entities=30, n_relations=6, out_degree=2,
                      phi=1.0, eval_max=50)

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from data import (
+from looplens.data import (
     DataConfig,
     Dataset,
     EncodedSplit,
@@ -24,8 +23,8 @@ from data import (
     make_world,
     shortcut_rate,
 )
-from data.facts import PAD, Facts
-from data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, TRAIN_SAMPLES, generate
+from looplens.data.facts import PAD, Facts
+from looplens.data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, TRAIN_SAMPLES, generate
 
 SMALL_COMP = DataConfig(task="composition", world="random-tail", n_entities=120, n_relations=12, out_degree=4,
                         phi=3.0, test_id_fraction=0.05, eval_max=200, seed=3)
@@ -387,7 +386,7 @@ def irregular_world() -> World:
 
 
 def test_chain_sampler_is_uniform_over_distinct_chains():
-    from data.tasks import _ChainCounter
+    from looplens.data.tasks import _ChainCounter
 
     counter = _ChainCounter(irregular_world())
     heads, relations = counter.enumerate(3)
@@ -404,7 +403,7 @@ def test_chain_sampler_is_uniform_over_distinct_chains():
 def test_depth_on_an_irregular_world():
     cfg = DataConfig(task="depth", world="random-tail", n_entities=12, n_relations=4, out_degree=4, max_hops=4,
                      per_hop_train=20, per_hop_test=5, eval_max=10)
-    from data.tasks import depth_splits
+    from looplens.data.tasks import depth_splits
 
     g = depth_splits(irregular_world(), cfg)
     check_depth(g, cfg)
@@ -476,7 +475,7 @@ def assert_same_encoding(a: EncodedSplit, b: EncodedSplit) -> None:
 
 @pytest.mark.parametrize("split", ["train", "test_inferred_ood"])
 def test_byte_level_encoder_matches_the_string_parser(comp_dir, split):
-    from data.storage import _encode_jsonl_bytes
+    from looplens.data.storage import _encode_jsonl_bytes
 
     ds = load_dataset(comp_dir)
     data = ds._read(split)
@@ -485,7 +484,7 @@ def test_byte_level_encoder_matches_the_string_parser(comp_dir, split):
 
 def test_byte_level_encoder_refuses_other_layouts():
     """Reordered keys or spacing would shift tokens: the fast path must hand over to json parsing."""
-    from data.storage import _encode_jsonl_bytes
+    from looplens.data.storage import _encode_jsonl_bytes
 
     v = Vocab(10, 3)
     ours = b'{"answer":"e2","bridges":["e5"],"hops":2,"query":"e1 r0 r2"}\n'
@@ -583,7 +582,7 @@ def test_failures_leave_no_output_and_no_temp_dirs(tmp_path, monkeypatch):
         build_dataset(SMALL_COMP.replace(phi=99.0), tmp_path / "a")
     assert not (tmp_path / "a").exists() and no_temp_dirs(tmp_path)
 
-    import data.storage as storage
+    import looplens.data.storage as storage
 
     calls = []
 
@@ -663,7 +662,7 @@ def test_shortcut_rate_accepts_datasets_and_encoded_splits(depth_dir):
 # docstring examples
 
 
-@pytest.mark.parametrize("module", ["data.config", "data.worlds", "data.vocab", "data.sampling", "data.storage"])
+@pytest.mark.parametrize("module", ["looplens.data.config", "looplens.data.worlds", "looplens.data.vocab", "looplens.data.sampling", "looplens.data.storage"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

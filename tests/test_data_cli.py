@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from analyses.cli import main
-from data import DataConfig, load_dataset
+from looplens.analyses.cli import main
+from looplens.data import DataConfig, load_dataset
 
 pytestmark = pytest.mark.filterwarnings("error")
 

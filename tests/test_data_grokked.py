@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from data import DataConfig, build_dataset, export_grokked, import_grokked, load_dataset
+from looplens.data import DataConfig, build_dataset, export_grokked, import_grokked, load_dataset
 
 COMP = DataConfig(task="composition", world="random-tail", n_entities=80, n_relations=10, out_degree=3,
                   phi=2.0, test_id_fraction=0.05, eval_max=60, seed=7)

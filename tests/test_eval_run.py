@@ -5,12 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-
-from analyses.cli import main
-from models import LoopedConfig, LoopedTransformer
-from models.train import evaluate, format_tables, load_run, preset, train
-from models.train.evaluate_run import EVAL_COLUMNS
-from models.train.evaluation import EvalSet, evaluate_set, parse_range, readout_per_iteration
+from looplens.analyses.cli import main
+from looplens.models import LoopedConfig, LoopedTransformer
+from looplens.models.train import evaluate, format_tables, load_run, preset, train
+from looplens.models.train.evaluate_run import EVAL_COLUMNS
+from looplens.models.train.evaluation import EvalSet, evaluate_set, parse_range, readout_per_iteration
 
 
 @pytest.fixture(scope="module")

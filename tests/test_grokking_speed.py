@@ -6,8 +6,7 @@ import math
 
 import pandas as pd
 import pytest
-
-from analyses import grokking_speed as gs
+from looplens.analyses import grokking_speed as gs
 
 
 def _metrics(points, split="test_inferred_id", iterations=4):
@@ -94,7 +93,7 @@ def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
 
 
 def test_study_cli_grokking_speed(tmp_path, capsys):
-    from analyses.cli import main
+    from looplens.analyses.cli import main
 
     out = tmp_path / "gs"
     assert main(["study", "grokking-speed", "--out", str(out), "--base", "smoke-composition",
@@ -119,7 +118,7 @@ def test_grid_runs_in_parallel_processes(tmp_path):
 
 
 def test_fast_recipe_rung_turns_the_paper_preset_into_tiny_composition():
-    from models.train import preset
+    from looplens.models.train import preset
 
     recipe = preset("tiny-composition-paper").with_overrides([*gs.FAST_RECIPE, "run.max_steps=8000",
                                                               "run.time_budget_minutes=20"])

@@ -10,9 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-
-from data import Vocab
-from interp import (
+from looplens.data import Vocab
+from looplens.interp import (
     attention_by_iteration,
     grokking_stages,
     hop_resolution_distribution,
@@ -25,7 +24,7 @@ from interp import (
     resolve_hops,
     summarize_hops,
 )
-from models import LoopedConfig, LoopedTransformer
+from looplens.models import LoopedConfig, LoopedTransformer
 
 N_ENT, N_REL = 5, 3  # vocab: pad 0, e0..e4 = 1..5, r0..r2 = 6..8
 

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from interp import fixed_point_summary, fixed_points, spectral_radius
-from interp.plots import fixed_points_figure
-from models import LoopedConfig, LoopedTransformer
+from looplens.interp import fixed_point_summary, fixed_points, spectral_radius
+from looplens.interp.plots import fixed_points_figure
+from looplens.models import LoopedConfig, LoopedTransformer
 
 D = 8
 TOKENS = torch.tensor([[1, 2, 3], [4, 5, 0]])

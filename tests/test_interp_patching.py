@@ -7,12 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from looplens.data import DataConfig, Vocab, build_dataset, load_dataset, make_world
+from looplens.interp import activation_patching, logit_diff, make_patching_pairs
+from looplens.interp.plots import DIVERGING_COLORSCALE, patching_heatmap
+from looplens.models import LoopedConfig, LoopedTransformer
 from transformer_lens import patching
-
-from data import DataConfig, Vocab, build_dataset, load_dataset, make_world
-from interp import activation_patching, logit_diff, make_patching_pairs
-from interp.plots import DIVERGING_COLORSCALE, patching_heatmap
-from models import LoopedConfig, LoopedTransformer
 
 N_ENT, N_REL = 6, 3
 

@@ -8,9 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformer_lens import patching
-
-from models import (
+from looplens.models import (
     EntropyHalting,
     KLEntropyHalting,
     KLHalting,
@@ -19,6 +17,7 @@ from models import (
     LoopedTransformer,
     make_halting_rule,
 )
+from transformer_lens import patching
 
 
 def tiny_cfg(**kw) -> LoopedConfig:

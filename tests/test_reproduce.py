@@ -9,12 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-
-from analyses import claims
-from analyses.cli import main
-from analyses.reproduce import STOP_ENV, Plan, RunSpec, plan_for, reproduce
-from analyses.studies import STUDIES
-from analyses.studies.base import StudyOptions, load_findings
+from looplens.analyses import claims
+from looplens.analyses.cli import main
+from looplens.analyses.reproduce import STOP_ENV, Plan, RunSpec, plan_for, reproduce
+from looplens.analyses.studies import STUDIES
+from looplens.analyses.studies.base import StudyOptions, load_findings
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,7 @@ def _results(out: Path) -> dict[str, bytes]:
 
 
 def test_resume_after_kills_gives_identical_results(tmp_path, monkeypatch):
-    from models.train import trainer as trainer_module
+    from looplens.models.train import trainer as trainer_module
 
     straight = reproduce(_mini(), tmp_path / "a", progress=False, log=None)
     assert straight.skipped == [] and len(straight.executed) == 4
@@ -156,7 +155,7 @@ def test_resume_after_kills_gives_identical_results(tmp_path, monkeypatch):
 
 
 def test_stop_env_and_cli_exit_code(tmp_path, monkeypatch, capsys):
-    import analyses.reproduce as rep
+    import looplens.analyses.reproduce as rep
 
     monkeypatch.setitem(rep._PLANS, "smoke", _mini)
     monkeypatch.setenv(STOP_ENV, "2")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
-from analyses import shipped_run_path
-from models.train import evaluate, load_run
+from looplens.analyses import shipped_run_path
+from looplens.models.train import evaluate, load_run
 
 RUNS = ["looped", "vanilla"]
 

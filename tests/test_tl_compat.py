@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models import LoopedConfig, LoopedTransformer
+from looplens.models import LoopedConfig, LoopedTransformer
 
 pytestmark = pytest.mark.tl_compat
 

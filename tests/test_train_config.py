@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from models.train import TrainConfig, preset, preset_names, preset_summaries
-from models.train.config import parse_assignment, parse_value, section_keys
+from looplens.models.train import TrainConfig, preset, preset_names, preset_summaries
+from looplens.models.train.config import parse_assignment, parse_value, section_keys
 
 
 def test_defaults_round_trip():

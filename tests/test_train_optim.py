@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models import LoopedConfig, LoopedTransformer
-from models.train.config import OptimConfig, RecurrenceConfig
-from models.train.optim import (
+from looplens.models import LoopedConfig, LoopedTransformer
+from looplens.models.train.config import OptimConfig, RecurrenceConfig
+from looplens.models.train.optim import (
     Grokfast,
     answer_loss,
     lr_at,
@@ -21,7 +20,7 @@ from models.train.optim import (
     parameter_group,
     stablemax_log_probs,
 )
-from models.train.sampling import BatchSampler, IterationSampler
+from looplens.models.train.sampling import BatchSampler, IterationSampler
 
 PAPER_DYNAMIC = {2: 0.238, 3: 0.195, 4: 0.195, 5: 0.156, 6: 0.104, 7: 0.060, 8: 0.051}
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-from analyses.cli import main
-from models.checkpoint import read_sidecar
-from models.train import METRICS_COLUMNS, load_run, preset, train
-from models.train import trainer as trainer_module
-from models.train.trainer import Trainer
+from looplens.analyses.cli import main
+from looplens.models.checkpoint import read_sidecar
+from looplens.models.train import METRICS_COLUMNS, load_run, preset, train
+from looplens.models.train import trainer as trainer_module
+from looplens.models.train.trainer import Trainer
 
 HEADER = "step,epoch,stage,split,hops,iterations,accuracy,loss,n\n"
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,8 +133,8 @@ def test_grokfast_state_is_restored_not_restarted(tmp_path):
 
 _KILL_SCRIPT = """
 import sys, time
-from models.train import preset, train
-from models.train.trainer import Trainer
+from looplens.models.train import preset, train
+from looplens.models.train.trainer import Trainer
 original = Trainer.train_step
 def slow(self):
     time.sleep(0.03)

@@ -14,13 +14,13 @@ from types import ModuleType
 
 # name -> module; the order is the report's order (claims 1..6, then the shortcut caveat)
 STUDIES = {
-    "systematic": "analyses.studies.systematic",
-    "grokking": "analyses.studies.grokking",
-    "depth": "analyses.studies.depth",
-    "overthinking": "analyses.studies.overthinking",
-    "halting": "analyses.studies.halting",
-    "mechanism": "analyses.studies.mechanism",
-    "shortcut": "analyses.studies.shortcut",
+    "systematic": "looplens.analyses.studies.systematic",
+    "grokking": "looplens.analyses.studies.grokking",
+    "depth": "looplens.analyses.studies.depth",
+    "overthinking": "looplens.analyses.studies.overthinking",
+    "halting": "looplens.analyses.studies.halting",
+    "mechanism": "looplens.analyses.studies.mechanism",
+    "shortcut": "looplens.analyses.studies.shortcut",
 }
 
 # one line per study for `looplens study --list` (no imports needed)
@@ -48,7 +48,7 @@ def get_study(name: str) -> ModuleType:
 def run_study(name: str, runs: Sequence, options=None, out: str | os.PathLike | None = None):
     """Run study ``name`` on runs (``models.train.Run`` objects or run directories); with ``out``, also
     save the result there (see :meth:`StudyResult.save`). Returns the :class:`StudyResult`."""
-    from analyses.studies.base import StudyOptions, as_runs
+    from looplens.analyses.studies.base import StudyOptions, as_runs
 
     module = get_study(name)
     result = module.run(as_runs(runs), options or StudyOptions())

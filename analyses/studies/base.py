@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from data.provenance import atomic_dir, atomic_write_text, provenance
+from looplens.data.provenance import atomic_dir, atomic_write_text, provenance
 
 RESULT_FORMAT = "looplens-study-v1"
 # The splits of the composition task that trace systematic generalization (train -> ID -> OOD).
@@ -176,7 +175,7 @@ def dumps(obj: Any) -> str:
 def as_runs(items: Iterable) -> list:
     """Runs from ``models.train.Run`` objects or run directories (opened with :func:`models.train.load_run`,
     which fails clearly on a non-run). Run directory names must be unique: studies label runs by them."""
-    from models.train import Run, load_run
+    from looplens.models.train import Run, load_run
 
     runs = [item if isinstance(item, Run) else load_run(item) for item in items]
     for run in runs:
@@ -191,7 +190,7 @@ def as_runs(items: Iterable) -> list:
 def _dataset_where_writable(run) -> None:
     """A run whose dataset directory is gone rebuilds it under ``<run parent>/.datasets``; when that is not
     writable (a run shipped inside an installed package), build it in the user cache instead."""
-    from models.train.run import data_root
+    from looplens.models.train.run import data_root
 
     if "dataset" in run.__dict__ or Path(run.meta["dataset"]["path"]).is_dir():
         return
@@ -201,7 +200,7 @@ def _dataset_where_writable(run) -> None:
         probe = probe.parent
     if os.access(probe, os.W_OK):
         return
-    from data import ensure_dataset
+    from looplens.data import ensure_dataset
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "looplens" / "datasets"
     ds = ensure_dataset(run.config.data, cache)
@@ -298,7 +297,7 @@ _EVAL_CACHE: dict[tuple, pd.DataFrame] = {}
 def evaluate_cached(run, step: int, iterations: Sequence[int], splits: Sequence[str], options: StudyOptions,
                     halting: str | None = None, hops: Sequence[int] | None = None) -> pd.DataFrame:
     """:func:`models.train.evaluate` with a per-process memo (the depth and halting studies share runs)."""
-    from models.train import evaluate
+    from looplens.models.train import evaluate
 
     key = (str(Path(run.path).resolve()), int(step), tuple(iterations), tuple(splits), halting,
            None if hops is None else tuple(hops), options.halting_eps, options.halting_entropy,

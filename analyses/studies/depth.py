@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pandas as pd
-
-from analyses.figures import hops_iterations_heatmap, lines
-from analyses.studies.base import (
+from looplens.analyses.figures import hops_iterations_heatmap, lines
+from looplens.analyses.studies.base import (
     StudyOptions,
     StudyResult,
     evaluate_cached,

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-
-from analyses.figures import lines
-from analyses.studies.base import (
+from looplens.analyses.figures import lines
+from looplens.analyses.studies.base import (
     StudyOptions,
     StudyResult,
     accuracy_curves,
@@ -26,8 +25,8 @@ from analyses.studies.base import (
     sample_split,
     select_task,
 )
-from interp import grokking_stages, locate_hops, summarize_hops
-from interp.plots import grokking_figure
+from looplens.interp import grokking_stages, locate_hops, summarize_hops
+from looplens.interp.plots import grokking_figure
 
 NAME = "grokking"
 TITLE = "Three-stage grokking: memorisation, in-distribution, systematic (composition task)"

@@ -12,11 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pandas as pd
-
-from analyses.figures import lines
-from analyses.studies.base import StudyOptions, StudyResult, evaluate_cached, final_step, fmt, run_info
-from analyses.studies.overthinking import SOLVED
-from analyses.studies.overthinking import select as select_looped
+from looplens.analyses.figures import lines
+from looplens.analyses.studies.base import (
+    StudyOptions,
+    StudyResult,
+    evaluate_cached,
+    final_step,
+    fmt,
+    run_info,
+)
+from looplens.analyses.studies.overthinking import SOLVED
+from looplens.analyses.studies.overthinking import select as select_looped
 
 NAME = "halting"
 TITLE = "Adaptive halting: fixed iteration counts vs KL-only vs KL+entropy"

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-
-from analyses.figures import grouped_bars
-from analyses.studies.base import (
+from looplens.analyses.figures import grouped_bars
+from looplens.analyses.studies.base import (
     COMPOSITION_CURVES,
     COMPOSITION_DIAGNOSTICS,
     StudyOptions,
@@ -28,8 +27,14 @@ from analyses.studies.base import (
     sample_split,
     select_task,
 )
-from interp import activation_patching, fixed_points, locate_hops, make_patching_pairs, summarize_hops
-from interp.plots import fixed_points_figure, hop_resolution_figure, patching_heatmap
+from looplens.interp import (
+    activation_patching,
+    fixed_points,
+    locate_hops,
+    make_patching_pairs,
+    summarize_hops,
+)
+from looplens.interp.plots import fixed_points_figure, hop_resolution_figure, patching_heatmap
 
 NAME = "mechanism"
 TITLE = "Mechanism: hop locator, activation patching and fixed points (looped vs vanilla)"

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-
-from analyses.figures import lines
-from analyses.studies.base import (
+from looplens.analyses.figures import lines
+from looplens.analyses.studies.base import (
     StudyOptions,
     StudyResult,
     fmt,
@@ -25,8 +24,8 @@ from analyses.studies.base import (
     sample_split,
     spread,
 )
-from interp import overthinking, overthinking_summary
-from interp.plots import overthinking_figure
+from looplens.interp import overthinking, overthinking_summary
+from looplens.interp.plots import overthinking_figure
 
 NAME = "overthinking"
 TITLE = "Overthinking: answer margin and accuracy over inference iterations, per hop depth"

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-
-from analyses.figures import grouped_bars
-from analyses.studies.base import StudyOptions, StudyResult, fmt, load_model, run_info, sample_split
-from data import make_world, shortcut_rate
+from looplens.analyses.figures import grouped_bars
+from looplens.analyses.studies.base import StudyOptions, StudyResult, fmt, load_model, run_info, sample_split
+from looplens.data import make_world, shortcut_rate
 
 NAME = "shortcut"
 TITLE = "Shortcuts: the relation suffix in random-tail vs permutation worlds"

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pandas as pd
-
-from analyses.figures import curves_by_split
-from analyses.studies.base import (
+from looplens.analyses.figures import curves_by_split
+from looplens.analyses.studies.base import (
     COMPOSITION_CURVES,
     COMPOSITION_DIAGNOSTICS,
     StudyOptions,

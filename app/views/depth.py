@@ -8,8 +8,7 @@ fresh evaluation of one checkpoint (models.train.evaluate, cached).
 from __future__ import annotations
 
 import streamlit as st
-
-from app import figures, state, ui
+from looplens.app import figures, state, ui
 
 st.title("Depth")
 st.caption("Accuracy by number of hops (rows) and inference iterations (columns). A looped model that "

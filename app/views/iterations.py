@@ -8,8 +8,7 @@ mean iterations used, live as the KL and entropy thresholds move).
 from __future__ import annotations
 
 import streamlit as st
-
-from app import figures, state, ui
+from looplens.app import figures, state, ui
 
 st.title("Iterations")
 st.caption("Run the loop past its training count: does the state settle to a fixed point, does the answer "

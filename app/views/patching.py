@@ -7,8 +7,7 @@ comes back (1 = all of it, 0 = none): interp.activation_patching over every cell
 from __future__ import annotations
 
 import streamlit as st
-
-from app import figures, state, ui
+from looplens.app import figures, state, ui
 
 st.title("Patching")
 st.caption("Activation patching: run the corrupted query, copy one activation from the clean run into it, "

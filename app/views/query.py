@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
-
-from app import figures, state, ui
+from looplens.app import figures, state, ui
 
 st.title("Query explorer")
 st.caption("Follow one query through the loop. The logit lens decodes the residual stream after every "

@@ -4,9 +4,8 @@ stages marked, and curriculum progress for depth runs."""
 from __future__ import annotations
 
 import streamlit as st
-
-from app import figures, state, ui
-from app.runs import run_label
+from looplens.app import figures, state, ui
+from looplens.app.runs import run_label
 
 st.title("Training")
 st.caption("Accuracy of each split over training steps (log axis). Memorisation shows as train accuracy "

@@ -4,9 +4,9 @@ import argparse, json, time, sys
 import numpy as np, torch
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
-from data.config import DataConfig
-from data.tasks import generate
-from models import LoopedConfig, LoopedTransformer
+from looplens.data.config import DataConfig
+from looplens.data.tasks import generate
+from looplens.models import LoopedConfig, LoopedTransformer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--entities", type=int, default=200); ap.add_argument("--relations", type=int, default=20)

@@ -10,8 +10,8 @@ often the model then answers r2(b') instead of its own answer.
 
 import torch
 
-from analyses import shipped_run_path
-from models.train import load_run
+from looplens.analyses import shipped_run_path
+from looplens.models.train import load_run
 
 torch.set_num_threads(1)
 run = load_run(shipped_run_path() / "looped")

@@ -35,10 +35,10 @@ fi
 COMMON=(--device "$DEVICE" --time-budget "$MIN" --max-steps 1000000 --quiet
         --set eval.every=1000 --set run.checkpoint_every=10000 --set run.save_every=10000
         --set run.log_checkpoints=false)
-python3 -m analyses.cli study grokking-speed --out /tmp/gs/main --base tiny-composition-paper --seeds 0,1,2 \
+python3 -m looplens study grokking-speed --out /tmp/gs/main --base tiny-composition-paper --seeds 0,1,2 \
     --interventions control,feedback-from-hops,vanilla --jobs 9 "${COMMON[@]}" > /tmp/gs-a.log 2>&1 &
 A=$!
-python3 -m analyses.cli study grokking-speed --out /tmp/gs/ladder --base tiny-composition-paper --seeds 0 \
+python3 -m looplens study grokking-speed --out /tmp/gs/ladder --base tiny-composition-paper --seeds 0 \
     --interventions supervise-from-hops,feedback,batch-4x,weight-decay-1,grokfast --jobs 7 "${COMMON[@]}" > /tmp/gs-b.log 2>&1 &
 B=$!
 sleep 60; [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader

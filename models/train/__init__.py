@@ -2,7 +2,7 @@
 
 Python API::
 
-    from models.train import TrainConfig, preset, train, load_run, evaluate
+    from looplens.models.train import TrainConfig, preset, train, load_run, evaluate
 
     cfg = preset("tiny-composition").with_overrides(["run.max_steps=2000"])
     result = train(cfg, "runs/tiny")          # -> RunResult(step, stop_reason, final, ...)
@@ -12,7 +12,7 @@ Python API::
 See docs/training.md for the run directory, the metrics format, the options and the presets.
 """
 
-from models.train.config import (
+from looplens.models.train.config import (
     CurriculumConfig,
     EvalConfig,
     ModelSettings,
@@ -21,10 +21,10 @@ from models.train.config import (
     RunConfig,
     TrainConfig,
 )
-from models.train.evaluate_run import evaluate, format_tables
-from models.train.presets import preset, preset_description, preset_names, preset_summaries
-from models.train.run import METRICS_COLUMNS, Run, load_run
-from models.train.trainer import RunResult, train
+from looplens.models.train.evaluate_run import evaluate, format_tables
+from looplens.models.train.presets import preset, preset_description, preset_names, preset_summaries
+from looplens.models.train.run import METRICS_COLUMNS, Run, load_run
+from looplens.models.train.trainer import RunResult, train
 
 __all__ = [
     "METRICS_COLUMNS",

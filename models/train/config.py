@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data import DataConfig
-from models.config import LoopedConfig
+from looplens.data import DataConfig
+from looplens.models.config import LoopedConfig
 
 SCHEDULES = ("constant", "linear", "cosine")
 LOSSES = ("softmax", "stablemax")

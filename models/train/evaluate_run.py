@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from data.provenance import atomic_write_text
-from models.halting import make_halting_rule
-from models.train.evaluation import HALTING_ITERATIONS, EvalSet, evaluate_set
-from models.train.run import Run, load_run
-from models.train.trainer import resolve_device
+from looplens.data.provenance import atomic_write_text
+from looplens.models.halting import make_halting_rule
+from looplens.models.train.evaluation import HALTING_ITERATIONS, EvalSet, evaluate_set
+from looplens.models.train.run import Run, load_run
+from looplens.models.train.trainer import resolve_device
 
 EVAL_COLUMNS = ("step", "split", "hops", "method", "iterations", "accuracy", "loss", "mean_iterations", "n")
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from looplens.models.halting import HaltingRule
 from torch import Tensor
-
-from models.halting import HaltingRule
 
 # metrics.csv rows use iterations = 0 for an adaptive-halting evaluation (see docs/training.md)
 HALTING_ITERATIONS = 0

@@ -16,9 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from looplens.models.train.config import OptimConfig
 from torch import Tensor, nn
-
-from models.train.config import OptimConfig
 
 
 def parameter_group(name: str) -> str:
@@ -62,7 +61,7 @@ def lr_at(step: int, cfg: OptimConfig, decay_steps: int | None) -> float:
     Linear warm-up over ``warmup_steps`` (step 0 gets lr / warmup_steps, not 0), then constant, or a
     linear / cosine decay to ``min_lr_ratio * lr`` over ``decay_steps`` steps, flat afterwards.
 
-    >>> from models.train.config import OptimConfig
+    >>> from looplens.models.train.config import OptimConfig
     >>> c = OptimConfig(lr=1.0, warmup_steps=4, schedule="linear", min_lr_ratio=0.0)
     >>> [round(lr_at(s, c, decay_steps=4), 3) for s in range(10)]
     [0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]

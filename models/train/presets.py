@@ -17,13 +17,13 @@ import tomllib
 from importlib import resources
 from typing import Any
 
-from models.train.config import TrainConfig
+from looplens.models.train.config import TrainConfig
 
 _META_KEYS = ("summary", "description", "extends")
 
 
 def _preset_dir():
-    return resources.files("models.presets")
+    return resources.files("looplens.models.presets")
 
 
 def preset_names() -> list[str]:

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from data.provenance import atomic_write_text
-from models.train.config import TrainConfig
+from looplens.data.provenance import atomic_write_text
+from looplens.models.train.config import TrainConfig
 
 RUN_FORMAT = "looplens-run-v1"
 METRICS_COLUMNS = ("step", "epoch", "stage", "split", "hops", "iterations", "accuracy", "loss", "n")
@@ -217,7 +216,7 @@ class Run:
     @cached_property
     def dataset(self):
         """The run's data.Dataset: at its recorded path, else rebuilt from the config (checksum checked)."""
-        from data import ensure_dataset, load_dataset
+        from looplens.data import ensure_dataset, load_dataset
 
         recorded = Path(self.meta["dataset"]["path"])
         ds = None
@@ -256,7 +255,7 @@ class Run:
     def load_model(self, step: int | str | None = None, device: str = "cpu"):
         """The model at a checkpoint (see :meth:`resolve_step`), verified against this run's dataset,
         with the dataset's vocab attached, in eval mode."""
-        from models.checkpoint import load_checkpoint
+        from looplens.models.checkpoint import load_checkpoint
 
         step = self.resolve_step(step)
         model = load_checkpoint(self.paths.checkpoint(step), device=device, step=step,

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from models.train.config import RecurrenceConfig
+from looplens.models.train.config import RecurrenceConfig
 
 
 def generator(seed: int, tag: str) -> np.random.Generator:
@@ -129,7 +128,7 @@ class BatchSampler:
 class IterationSampler:
     """The recurrence R of each training batch.
 
-    >>> from models.train.config import RecurrenceConfig
+    >>> from looplens.models.train.config import RecurrenceConfig
     >>> s = IterationSampler(RecurrenceConfig(mode="poisson", mean=4.0, min=2, max=8), fixed=4, seed=0)
     >>> draws = [s.sample() for _ in range(1000)]
     >>> min(draws) >= 2 and max(draws) <= 8

@@ -27,18 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
-
-from data import ensure_dataset
-from data.provenance import atomic_write_bytes, provenance
-from models.checkpoint import save_checkpoint
-from models.halting import make_halting_rule
-from models.looped import LoopedTransformer
-from models.train.config import RESUMABLE_KEYS, TrainConfig
-from models.train.evaluation import HALTING_ITERATIONS, EvalSet, evaluate_set, split_accuracy
-from models.train.optim import Grokfast, answer_loss, lr_at, make_optimizer, orthogonalize_gradients
-from models.train.run import (
+from looplens.data import ensure_dataset
+from looplens.data.provenance import atomic_write_bytes, provenance
+from looplens.models.checkpoint import save_checkpoint
+from looplens.models.halting import make_halting_rule
+from looplens.models.looped import LoopedTransformer
+from looplens.models.train.config import RESUMABLE_KEYS, TrainConfig
+from looplens.models.train.evaluation import HALTING_ITERATIONS, EvalSet, evaluate_set, split_accuracy
+from looplens.models.train.optim import Grokfast, answer_loss, lr_at, make_optimizer, orthogonalize_gradients
+from looplens.models.train.run import (
     RUN_FORMAT,
     STAGE_SPLIT,
     TRAIN_SPLIT,
@@ -48,7 +45,9 @@ from models.train.run import (
     load_run,
     write_json,
 )
-from models.train.sampling import BatchSampler, IterationSampler
+from looplens.models.train.sampling import BatchSampler, IterationSampler
+from torch import Tensor
+from tqdm.auto import tqdm
 
 STATE_FORMAT = "looplens-train-state-v1"
 # Stops that end a run for good: resuming such a run does nothing.
@@ -564,7 +563,7 @@ class Trainer:
 
 
 def _metrics_header() -> tuple[str, ...]:
-    from models.train.run import METRICS_COLUMNS
+    from looplens.models.train.run import METRICS_COLUMNS
 
     return METRICS_COLUMNS
 
@@ -615,7 +614,7 @@ def train(cfg: TrainConfig | None, out_dir: str | Path, resume: bool = False, ov
 
     Example (trains and writes a run directory, so not a doctest; tests/test_train_run.py covers it)::
 
-        from models.train import preset, train
+        from looplens.models.train import preset, train
         result = train(preset("smoke-composition"), "runs/smoke")
         result.final["test_inferred_id"]
     """
