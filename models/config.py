@@ -49,7 +49,11 @@ class LoopedConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True  # W_U = W_E^T, as in the paper (GPT-2 style)
     zero_init_out: bool = False  # W_O and W_out start at zero: every block is the identity at init
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of every weight matrix at init (GPT-2's 0.02)
+    # std of the token and position embeddings at init (None: init_std). The paper's code builds its
+    # embeddings with plain nn.Embedding, so they keep torch's N(0, 1) (docs/fidelity.md).
+    embed_init_std: float | None = None
+    unembed_bias: bool = True  # b_U; the paper's tied lm_head has none (docs/fidelity.md)
     n_prelude: int = 0  # blocks before the loop (Huginn's prelude), run once
     n_coda: int = 0  # blocks after the loop (Huginn's coda), run once
     input_injection: str = "none"  # re-inject the embedded input at each iteration t >= 1
@@ -101,6 +105,8 @@ class LoopedConfig:
              f"feedback must be a number >= 0 (0: off), got {self.feedback!r}")
         need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        need(self.embed_init_std is None or self.embed_init_std > 0,
+             f"embed_init_std must be > 0 (or None: init_std), got {self.embed_init_std}")
         for name in ("n_prelude", "n_coda"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")

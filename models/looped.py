@@ -73,7 +73,12 @@ class Unembed(nn.Module):
             object.__setattr__(self, "_embed", embed)  # a reference, not a second copy of W_E
         else:
             self.W_U_untied = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        # Without a bias (cfg.unembed_bias False, the paper's lm_head) b_U is a zero buffer, so readers of
+        # model.b_U (TransformerLens's cache helpers, the lens) need no special case.
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        else:
+            self.register_buffer("b_U", torch.zeros(cfg.d_vocab), persistent=False)
         self.hook_in = HookPoint()  # [batch, pos, d_model] (TransformerLens 3.9 names)
         self.hook_out = HookPoint()  # [batch, pos, d_vocab]
 
@@ -154,9 +159,10 @@ class LoopedTransformer(HookedRootModule):
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         with torch.no_grad():
-            self.embed.W_E.normal_(0.0, cfg.init_std, generator=gen)
+            embed_std = cfg.init_std if cfg.embed_init_std is None else cfg.embed_init_std
+            self.embed.W_E.normal_(0.0, embed_std, generator=gen)
             if cfg.positional == "learned":
-                self.pos_embed.W_pos.normal_(0.0, cfg.init_std, generator=gen)
+                self.pos_embed.W_pos.normal_(0.0, embed_std, generator=gen)
             for params in [*self.prelude, *self.core, *self.coda]:
                 init_block_params(params, cfg, gen)
             if not cfg.tie_embeddings:
