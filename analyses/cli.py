@@ -19,11 +19,18 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2, no traceback."""
 
 
+def _version() -> str:
+    from looplens import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="looplens",
         description="Looped transformers: knowledge-graph data, training, interpretability, reports.",
     )
+    parser.add_argument("--version", action="version", version=f"looplens {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for name in _VERB_MODULES:
@@ -37,14 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: a bad file or a full disk is one line naming the path, not a traceback."""
+    if isinstance(err, KeyError) and err.args:
+        msg = str(err.args[0])
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        # a raw OSError from the OS (read-only folder, full disk, ...): name the path and the reason
+        msg = f"{err.filename}: {err.strerror}"
+    else:
+        msg = str(err)
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"looplens {args.verb}: error: {msg}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, KeyError) as err:
+        print(f"looplens {args.verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"looplens {args.verb}: interrupted", file=sys.stderr)

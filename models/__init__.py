@@ -1,29 +1,40 @@
 """The hooked looped transformer: config, model, halting rules, checkpoints.
 
+Names are imported lazily (PEP 562), so ``import looplens.models.cli`` (done for every ``looplens``
+command, ``--help`` included) does not pay for torch.
+
 >>> from looplens.models import LoopedConfig, LoopedTransformer
 """
 
-from looplens.models.config import LoopedConfig
-from looplens.models.halting import (
-    EntropyHalting,
-    HaltingRule,
-    KLEntropyHalting,
-    KLHalting,
-    LatentChangeHalting,
-    make_halting_rule,
-)
-from looplens.models.looped import AdaptiveOutput, LoopedActivationCache, LoopedTransformer, ModelAtIterations
+from __future__ import annotations
 
-__all__ = [
-    "AdaptiveOutput",
-    "EntropyHalting",
-    "HaltingRule",
-    "KLEntropyHalting",
-    "KLHalting",
-    "LatentChangeHalting",
-    "LoopedActivationCache",
-    "LoopedConfig",
-    "LoopedTransformer",
-    "ModelAtIterations",
-    "make_halting_rule",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LoopedConfig": "looplens.models.config",
+    "EntropyHalting": "looplens.models.halting",
+    "HaltingRule": "looplens.models.halting",
+    "KLEntropyHalting": "looplens.models.halting",
+    "KLHalting": "looplens.models.halting",
+    "LatentChangeHalting": "looplens.models.halting",
+    "make_halting_rule": "looplens.models.halting",
+    "AdaptiveOutput": "looplens.models.looped",
+    "LoopedActivationCache": "looplens.models.looped",
+    "LoopedTransformer": "looplens.models.looped",
+    "ModelAtIterations": "looplens.models.looped",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'looplens.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
