@@ -179,10 +179,16 @@ class LoopedTransformer(HookedRootModule):
             return
         previous = self._bound_iterations
         placeholder = self.core[0]
+
+        def like_the_model(module: nn.Module) -> nn.Module:
+            # A module appended after .eval() / .to() must not run in the default (training) mode: its
+            # dropout would fire at inference, and TL's patching refuses a model with a training submodule.
+            return module.train(self.training).to(device=self.W_E.device, dtype=self.W_E.dtype)
+
         while len(self.blocks) < needed:
-            self.blocks.append(TransformerBlock(self.cfg, placeholder))
+            self.blocks.append(like_the_model(TransformerBlock(self.cfg, placeholder)))
         while len(self.loop) < n_iterations:
-            self.loop.append(IterationHooks(feedback=self.cfg.feedback > 0 and len(self.loop) > 0))
+            self.loop.append(like_the_model(IterationHooks(feedback=self.cfg.feedback > 0 and len(self.loop) > 0)))
         self.setup()
         # Bind eagerly, so step-level callers (embed_tokens -> prelude) never see placeholder weights.
         self._bound_iterations = None

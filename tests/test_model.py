@@ -472,3 +472,47 @@ def test_readout_feedback_adds_the_re_embedded_soft_answer_before_each_iteration
     assert not any("feedback" in name for name in plain.hook_dict)
     with pytest.raises(ValueError, match="feedback"):
         LoopedConfig(d_vocab=30, n_ctx=4, feedback=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Iterations beyond the trained count (hook modules grown on demand)
+# ---------------------------------------------------------------------------------------------------
+def test_grown_iterations_follow_the_models_train_eval_mode():
+    model = randomise(LoopedTransformer(tiny_cfg(n_iterations=4, dropout=0.5)))  # eval mode
+    with torch.no_grad():
+        a, b = model(TOKENS, n_iterations=8), model(TOKENS, n_iterations=8)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # no dropout in the grown iterations 5..8
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model(TOKENS, n_iterations=10)
+    assert all(m.training for m in model.modules())  # grown while training: training, like the rest
+    model.eval()
+    model(TOKENS, n_iterations=11)
+    assert not any(m.training for m in model.modules())
+
+
+def test_tl_patching_runs_past_the_trained_iterations_and_matches_a_manual_patch():
+    model = randomise(LoopedTransformer(tiny_cfg(n_blocks=1, n_iterations=4, dropout=0.5)))
+    clean = torch.tensor([[1, 12, 15, 17], [3, 14, 16, 18]])
+    corrupt = torch.tensor([[2, 12, 15, 17], [4, 14, 16, 18]])
+    answer = torch.tensor([7, 8])
+
+    def metric(logits):
+        return logits[torch.arange(2), -1, answer].mean()
+
+    T = 8
+    _, clean_cache = model.run_with_cache(clean, n_iterations=T)
+    with model.iterations(T):
+        tl = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
+    assert tl.shape == (T, 4)
+    for layer, pos in [(1, 2), (5, 1), (7, 0)]:  # layers 5 and 7 are iterations the model never ran at 4
+        name = f"blocks.{layer}.hook_resid_pre"
+
+        def patch(x, hook, pos=pos, name=name):
+            x = x.clone()
+            x[:, pos] = clean_cache[name][:, pos]
+            return x
+
+        with torch.no_grad():
+            manual = metric(model.run_with_hooks(corrupt, n_iterations=T, fwd_hooks=[(name, patch)]))
+        torch.testing.assert_close(tl[layer, pos], manual, atol=1e-5, rtol=1e-5)
