@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # verb module -> the function that adds its sub-commands to the parser
-_VERB_MODULES = ["looplens.data.cli", "looplens.models.cli", "looplens.analyses.commands", "looplens.app.cli"]
+_VERB_MODULES = ["looplens.data.cli", "looplens.models.cli", "looplens.models.import_cli",
+                 "looplens.analyses.commands", "looplens.app.cli"]
 
 
 class CLIError(Exception):
@@ -48,7 +49,7 @@ def _one_line(err: BaseException) -> str:
     """The error as one line: a bad file or a full disk is one line naming the path, not a traceback."""
     if isinstance(err, KeyError) and err.args:
         msg = str(err.args[0])
-    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+    elif isinstance(err, OSError) and type(err).__str__ is OSError.__str__ and err.filename and err.strerror:
         # a raw OSError from the OS (read-only folder, full disk, ...): name the path and the reason
         msg = f"{err.filename}: {err.strerror}"
     else:

@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from looplens.data.files import InvalidFileError, check_format, read_json
 from looplens.data.provenance import atomic_write_bytes, atomic_write_text, provenance
 from looplens.models.config import LoopedConfig
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
-FORMAT = "looplens-checkpoint-v1"
+# Bump FORMAT_VERSION when a change breaks readers of older checkpoints; loading refuses other
+# versions, naming the looplens that wrote the file (the sidecar's provenance).
+FORMAT_PREFIX = "looplens-checkpoint-v"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"
 
 
 def _stem(path: str | Path) -> Path:
@@ -67,12 +72,11 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     weights_path, sidecar_path = checkpoint_files(path)
     if not sidecar_path.exists():
         raise FileNotFoundError(f"checkpoint {sidecar_path.with_suffix('')}: no {sidecar_path.name} (not a looplens checkpoint, or its save did not finish)")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint sidecar {sidecar_path} is not valid JSON ({err})") from None
-    if sidecar.get("format") != FORMAT:
-        raise ValueError(f"checkpoint sidecar {sidecar_path}: format {sidecar.get('format')!r}, expected {FORMAT!r}")
+    sidecar = read_json(sidecar_path, "checkpoint sidecar")
+    check_format(sidecar_path, sidecar, FORMAT_PREFIX, FORMAT_VERSION, "checkpoint")
+    for key, kind in (("config", dict), ("weights_sha256", str), ("tensors", dict)):
+        if not isinstance(sidecar.get(key), kind):
+            raise InvalidFileError(sidecar_path, f"checkpoint sidecar has no valid {key!r} (truncated or edited?)")
     return sidecar
 
 
@@ -90,13 +94,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", **expe
         raise FileNotFoundError(f"checkpoint {weights_path} is missing (its sidecar {sidecar_path.name} exists)")
     blob = weights_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != sidecar["weights_sha256"]:
-        raise ValueError(f"checkpoint {weights_path}: sha256 mismatch, the weights file is corrupted or was changed after saving")
+        raise InvalidFileError(weights_path, f"sha256 differs from its sidecar's ({len(blob):,} bytes): the weights "
+                                             "file is truncated, corrupted or was changed after saving")
     for key, want in expect.items():
         if sidecar.get(key) != want:
             raise ValueError(f"checkpoint {sidecar_path}: {key} is {sidecar.get(key)!r}, expected {want!r}")
-    cfg = LoopedConfig.from_dict(sidecar["config"])
+    try:
+        cfg = LoopedConfig.from_dict(sidecar["config"])
+    except (TypeError, ValueError) as err:
+        raise InvalidFileError(sidecar_path, f"invalid model config: {err}") from None
     model = LoopedTransformer(cfg)
-    state = load_file(str(weights_path))
+    try:
+        state = load(blob)
+    except Exception as err:  # safetensors raises its own SafetensorError on a bad header
+        raise InvalidFileError(weights_path, f"not a safetensors file ({err})") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

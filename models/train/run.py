@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from looplens.data.provenance import atomic_write_text
+from looplens.data.files import InvalidFileError, atomic_write_text, check_format, read_json
 from looplens.models.train.config import TrainConfig
 
-RUN_FORMAT = "looplens-run-v1"
+# The run directory's format: bump RUN_FORMAT_VERSION when a change breaks readers of older runs;
+# load_run refuses other versions naming the looplens that wrote the run (config.json's provenance).
+RUN_FORMAT_PREFIX = "looplens-run-v"
+RUN_FORMAT_VERSION = 1
+RUN_FORMAT = f"{RUN_FORMAT_PREFIX}{RUN_FORMAT_VERSION}"
 METRICS_COLUMNS = ("step", "epoch", "stage", "split", "hops", "iterations", "accuracy", "loss", "n")
 TRAIN_SPLIT = "train_batch"  # metrics rows of training batches (hops 0: every hop count mixed)
 STAGE_SPLIT = "stage_passed"  # one row per passed curriculum stage (hops = the stage)
@@ -145,18 +149,40 @@ class MetricsLog:
         self.rows = self._count_rows()
 
 
+def _check_metrics_header(path: Path, header: str) -> None:
+    if tuple(header.strip().split(",")) != METRICS_COLUMNS:
+        raise InvalidFileError(path, f"metrics header is {header.strip()[:60]!r}, expected "
+                                     f"{','.join(METRICS_COLUMNS)!r} (not a looplens metrics file)")
+
+
 def read_metrics(path: Path) -> pd.DataFrame:
-    """metrics.csv as a DataFrame; a partial last line (a crash mid-append) is ignored."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    """metrics.csv as a DataFrame; a partial last line (a crash mid-append) is ignored.
+
+    Garbage (not text, wrong columns, a row that is not numbers) raises :class:`InvalidFileError`
+    naming the file and the first bad line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    except UnicodeDecodeError:
+        raise InvalidFileError(path, "metrics file is not text (binary garbage?)") from None
     if not text:
         return pd.DataFrame({c: [] for c in METRICS_COLUMNS})
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
+    _check_metrics_header(path, text[: text.find("\n")])
     from io import StringIO
 
-    frame = pd.read_csv(StringIO(text), dtype={"split": str})
-    if tuple(frame.columns) != METRICS_COLUMNS:
-        raise ValueError(f"{path}: columns {list(frame.columns)}, expected {list(METRICS_COLUMNS)}")
+    try:
+        frame = pd.read_csv(StringIO(text), dtype={"split": str})
+    except (pd.errors.ParserError, ValueError) as err:
+        raise InvalidFileError(path, f"metrics rows are not CSV ({' '.join(str(err).split())})") from None
+    numeric = [c for c in METRICS_COLUMNS if c != "split"]
+    for column in numeric:
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            values = pd.to_numeric(frame[column], errors="coerce")
+            bad = int((values.isna() & frame[column].notna()).to_numpy().argmax())
+            raise InvalidFileError(path, f"line {bad + 2}: {column} is {frame[column].iloc[bad]!r}, "
+                                         "expected a number")
     return frame
 
 
@@ -196,7 +222,7 @@ class Run:
     @property
     def summary(self) -> dict[str, Any]:
         path = self.paths.summary
-        return json.loads(path.read_text()) if path.exists() else {"status": "unknown"}
+        return read_json(path, "run summary") if path.exists() else {"status": "unknown"}
 
     @property
     def ended(self) -> bool:
@@ -276,7 +302,25 @@ def load_run(path: str | os.PathLike) -> Run:
     config_path = RunPaths(path).config
     if not config_path.is_file():
         raise FileNotFoundError(f"run {path}: no config.json (not a looplens run directory)")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != RUN_FORMAT:
-        raise ValueError(f"run {path}: config.json format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
-    return Run(path, TrainConfig.from_dict(meta["config"]), meta)
+    meta = read_json(config_path, "run config")
+    check_format(config_path, meta, RUN_FORMAT_PREFIX, RUN_FORMAT_VERSION, "run directory")
+    for key in ("config", "dataset"):
+        if not isinstance(meta.get(key), dict):
+            raise InvalidFileError(config_path, f"run config has no {key!r} table (truncated or edited?)")
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+    except ValueError as err:
+        raise InvalidFileError(config_path, f"invalid training config: {err}") from None
+    if not isinstance(meta["dataset"].get("checksum"), str):
+        raise InvalidFileError(config_path, "run config has no dataset checksum (truncated or edited?)")
+    metrics = RunPaths(path).metrics
+    if metrics.is_file():  # its first line only: a damaged run fails here, not deep inside an analysis
+        with open(metrics, "rb") as fh:
+            first = fh.readline(4096)
+        try:
+            header = first.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidFileError(metrics, "metrics file is not text (binary garbage?)") from None
+        if header.endswith("\n"):
+            _check_metrics_header(metrics, header)
+    return Run(path, config, meta)

@@ -1,0 +1,256 @@
+"""Bad inputs end in one clear line naming the file (or flag) and what is wrong; nothing half-written.
+
+Table-driven: each case damages a copy of a small trained run (tests/fixtures/app_runs/comp-looped) and
+expects a message fragment, both through the CLI in-process (exit status 2, one line on stderr) and
+through the Python API (a ValueError subclass, ``InvalidFileError``, with the same message).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from looplens.analyses.cli import main
+from looplens.data.files import (
+    FormatVersionError,
+    InvalidFileError,
+    OutputError,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "app_runs" / "comp-looped"
+CONFIG = "config.json"
+METRICS = "metrics.csv"
+SIDECAR = "checkpoints/step_0.json"
+WEIGHTS = "checkpoints/step_0.safetensors"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "runs" / "comp"
+    shutil.copytree(FIXTURE, out)
+    return out
+
+
+def _edit_json(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(path: Path) -> None:
+        obj = json.loads(path.read_text())
+        edit(obj)
+        path.write_text(json.dumps(obj))
+    return apply
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _write(data: bytes) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(data)
+
+
+def _set_format(tag: str, version: str) -> Callable[[Path], None]:
+    def edit(obj: dict) -> None:
+        obj["format"] = tag
+        obj["provenance"]["looplens_version"] = version
+    return _edit_json(edit)
+
+
+# (file damaged, how, expected fragment of the one-line message)
+RUN_CASES = [
+    (CONFIG, _write(b"{not json"), "run config is not valid JSON"),
+    (CONFIG, _truncate, "run config is not valid JSON"),
+    (CONFIG, _write(b""), "run config is empty"),
+    (CONFIG, _write(b"\x00\xff\xfe garbage"), "run config is not text"),
+    (CONFIG, _write(b"[1, 2]"), "run config must be a JSON object, got list"),
+    (CONFIG, _edit_json(lambda o: o.pop("config")), "run config has no 'config' table"),
+    (CONFIG, _edit_json(lambda o: o["config"]["optim"].update(lrate=1)), "unknown key 'lrate' in section [optim]"),
+    (CONFIG, _set_format("looplens-run-v7", "9.1.0"),
+     "run directory format v7 written by looplens 9.1.0 (newer); this looplens"),
+    (CONFIG, _set_format("looplens-run-v0", "0.0.1"), "run directory format v0 written by looplens 0.0.1 (older)"),
+    (CONFIG, _set_format("something-else", "0.1.0"), "not a looplens run directory (format 'something-else'"),
+    (METRICS, _write(b"\x89PNG\r\n\x1a\n\x00\x00garbage\n"), "metrics file is not text"),
+    (METRICS, _write(b"a,b,c\n1,2,3\n"), "metrics header is 'a,b,c', expected 'step,epoch,stage"),
+    (SIDECAR, _write(b"garbage"), "checkpoint sidecar is not valid JSON"),
+    (SIDECAR, _truncate, "checkpoint sidecar is not valid JSON"),
+    (SIDECAR, _edit_json(lambda o: o.pop("weights_sha256")), "no valid 'weights_sha256'"),
+    (SIDECAR, _edit_json(lambda o: o["config"].update(d_model=-3)), "invalid model config"),
+    (SIDECAR, _set_format("looplens-checkpoint-v2", "1.4.0"),
+     "checkpoint format v2 written by looplens 1.4.0 (newer)"),
+    (WEIGHTS, _truncate, "sha256 differs from its sidecar's"),
+    (WEIGHTS, _write(b"not safetensors"), "the weights file is truncated, corrupted"),
+]
+IDS = [f"{file}-{i}" for i, (file, _, _) in enumerate(RUN_CASES)]
+
+
+@pytest.mark.parametrize(("file", "damage", "fragment"), RUN_CASES, ids=IDS)
+def test_damaged_run_files_fail_in_one_line_through_the_cli(run_dir, tmp_path, capsys, file, damage, fragment):
+    damage(run_dir / file)
+    out_csv = tmp_path / "eval.csv"
+    status = main(["eval", str(run_dir), "--checkpoint", "0", "--iterations", "1", "--quiet", "--out", str(out_csv)])
+    err = capsys.readouterr().err
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("looplens eval: error: ")
+    assert str(run_dir / file) in lines[0] and fragment in lines[0], lines[0]
+    assert not out_csv.exists()
+
+
+@pytest.mark.parametrize(("file", "damage", "fragment"), RUN_CASES, ids=IDS)
+def test_damaged_run_files_raise_a_value_error_naming_the_file(run_dir, file, damage, fragment):
+    from looplens.models.train import load_run
+
+    damage(run_dir / file)
+    with pytest.raises(InvalidFileError) as info:
+        load_run(run_dir).load_model(0)
+    assert isinstance(info.value, ValueError)
+    assert info.value.path == run_dir / file
+    message = str(info.value)
+    assert "\n" not in message and str(run_dir / file) in message and fragment in message, message
+    if "format v" in fragment:
+        assert isinstance(info.value, FormatVersionError)
+
+
+def test_metrics_row_that_is_not_numbers_names_the_line(run_dir):
+    from looplens.models.train import load_run
+
+    path = run_dir / METRICS
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[3].split(",")
+    fields[0] = "oops"
+    lines[3] = ",".join(fields)
+    path.write_text("".join(lines))
+    run = load_run(run_dir)  # the header is fine: opening works, reading the rows names the bad line
+    with pytest.raises(InvalidFileError, match=r"metrics.csv: line 4: step is 'oops', expected a number"):
+        _ = run.metrics
+
+
+def test_a_newer_run_directory_is_refused_by_the_app_loader_too(run_dir):
+    from looplens.models.train import load_run
+
+    _set_format("looplens-run-v2", "3.0.0")(run_dir / CONFIG)
+    with pytest.raises(FormatVersionError, match=r"written by looplens 3\.0\.0 \(newer\).*reads format v1"):
+        load_run(run_dir)
+
+
+# -------------------------------------------------------------------------------------------------
+# outputs: read-only / full disk / a file where a folder should be; nothing half-written
+# -------------------------------------------------------------------------------------------------
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_output_under_a_regular_file_names_it_and_writes_nothing(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*not-a-folder/out/a\.json: .*not-a-folder is a file"):
+        atomic_write_text(blocker / "out" / "a.json", "{}")
+    with pytest.raises(OutputError, match=r"not-a-folder is a file"):
+        with atomic_dir(blocker / "dataset"):
+            pass
+    assert blocker.read_text() == "x" and _leftovers(tmp_path) == []
+
+
+def test_full_disk_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError) as info:
+        atomic_write_bytes(target, b"new contents")
+    assert str(info.value) == f"cannot write {target}: No space left on device (disk full or over quota)"
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_read_only_folder_is_named(tmp_path, monkeypatch):
+    """Tests run as root here, where chmod does not stop writes: simulate the OS refusing."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match=r"cannot write .*a\.csv: Permission denied \(read-only"):
+        atomic_write_text(tmp_path / "a.csv", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+DATA_ARGS = ["data", "--task", "composition", "--world", "random-tail", "--entities", "30", "--relations", "6",
+             "--out-degree", "3", "--phi", "2", "--seed", "0"]
+
+
+def test_cli_output_under_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert main([*DATA_ARGS, "--out", str(blocker / "ds")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blocker is a file, not a folder" in err[0], err
+
+
+def test_cli_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.suffix == ".jsonl":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "datasets" / "comp"
+    assert main([*DATA_ARGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write {out}: No space left on device" in err[0], err
+    assert not out.exists() and _leftovers(out.parent) == []
+
+
+# -------------------------------------------------------------------------------------------------
+# file modes: the user's umask, not mkstemp's 0600
+# -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_written_files_follow_the_umask(tmp_path, umask_027):
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_write_bytes(tmp_path / "b.bin", b"x")
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "c.txt").write_text("x")
+    assert _mode(tmp_path / "a.txt") == 0o640
+    assert _mode(tmp_path / "b.bin") == 0o640
+    assert _mode(tmp_path / "folder") == 0o750
+    assert _mode(tmp_path / "folder" / "c.txt") == 0o640
+
+
+def test_checkpoint_and_dataset_files_follow_the_umask(tmp_path, umask_027, capsys):
+    from looplens.models import LoopedConfig, LoopedTransformer
+    from looplens.models.checkpoint import save_checkpoint
+
+    model = LoopedTransformer(LoopedConfig(d_vocab=10, n_ctx=4, d_model=8, n_heads=2, n_blocks=1, seed=0))
+    weights = save_checkpoint(model, tmp_path / "ckpt" / "step_0", step=0)
+    assert _mode(weights) == 0o640 and _mode(weights.with_suffix(".json")) == 0o640
+    assert main([*DATA_ARGS, "--out", str(tmp_path / "ds")]) == 0
+    capsys.readouterr()
+    assert _mode(tmp_path / "ds") == 0o750
+    assert {_mode(p) for p in (tmp_path / "ds").iterdir()} == {0o640}
