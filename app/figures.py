@@ -2,31 +2,45 @@
 
 Only presentation lives here (which rows, which axes, which colours); every measurement comes from
 ``interp`` or the run's own files. Heatmaps and analysis figures are ``interp.plots`` builders.
+
+Importing this module is cheap (pandas, plotly): ``interp.plots`` is imported inside the functions
+that use it, because importing it imports ``looplens.interp`` and so torch and TransformerLens, which a
+page must not wait for before it shows its title (tests/test_app.py checks this).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-from looplens.interp.plots import LINE_COLORS, SEQUENTIAL_COLORSCALE, UNIT_RANGE
 
 # Splits in reading order: training first, then in-distribution, then out-of-distribution.
 SPLIT_ORDER = ["train_batch", "train", "id_atomic", "ood_atomic", "train_inferred", "test_inferred_id",
                "test_inferred_ood", "test_inferred_first_ood", "test_inferred_second_ood", "train_eval", "test"]
-# One colour per split on every page: the grokking stage splits take interp.plots.LINE_COLORS in the
-# order interp.plots.grokking_figure uses, the other splits the colours after them.
 _STAGE_SPLITS = ["train_inferred", "test_inferred_id", "test_inferred_ood"]
-SPLIT_COLOURS = dict(zip(_STAGE_SPLITS + [s for s in SPLIT_ORDER if s not in _STAGE_SPLITS],
-                         list(LINE_COLORS) + px.colors.qualitative.D3))
 RUN_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 DEFAULT_SPLITS = ["train_batch", "train_inferred", "test_inferred_id", "test_inferred_ood", "train_eval", "test"]
 STAGE_SPLIT = "stage_passed"  # metrics.csv rows marking a passed curriculum stage
 
-ACCURACY_SCALE = SEQUENTIAL_COLORSCALE  # accuracy in [0, 1], as in every interp.plots figure
+
+def _plots():
+    """interp.plots, imported on first use (see the module docstring)."""
+    from looplens.interp import plots
+
+    return plots
+
+
+@functools.cache
+def split_colours() -> dict[str, str]:
+    """One colour per split on every page: the grokking stage splits take interp.plots.LINE_COLORS in
+    the order interp.plots.grokking_figure uses, the other splits the colours after them."""
+    return dict(zip(_STAGE_SPLITS + [s for s in SPLIT_ORDER if s not in _STAGE_SPLITS],
+                    list(_plots().LINE_COLORS) + px.colors.qualitative.D3))
+
 
 def ordered_splits(splits: list[str]) -> list[str]:
     known = [s for s in SPLIT_ORDER if s in splits]
@@ -82,7 +96,7 @@ def training_table(frames: Mapping[str, pd.DataFrame], train_iterations: Mapping
 def training_curves(table: pd.DataFrame, metric: str) -> go.Figure:
     runs = list(dict.fromkeys(table["run"]))
     series = list(dict.fromkeys(table.sort_values("split", key=lambda s: s.map(_split_rank))["series"]))
-    colours = {s: SPLIT_COLOURS.get(s.split(" (")[0], None) for s in series}
+    colours = {s: split_colours().get(s.split(" (")[0], None) for s in series}
     if any(" (" in s for s in series):  # per-hop lines: a sequential scale within each split would be
         colours = dict(zip(series, px.colors.qualitative.Dark24 * 4))  # unreadable; one colour per line
     fig = px.line(
@@ -122,7 +136,7 @@ def add_grokking_stages(fig: go.Figure, stages: pd.DataFrame) -> None:
     reached = stages[stages["reached"] & (stages["step"] > 0)].sort_values("step")  # step 0: not on a log axis
     several = stages["run"].nunique() > 1
     for i, row in enumerate(reached.itertuples()):
-        colour = SPLIT_COLOURS.get(row.split, "grey")
+        colour = split_colours().get(row.split, "grey")
         fig.add_vline(x=int(row.step), line_dash="dot", line_width=1.5, line_color=colour)
         fig.add_annotation(x=float(np.log10(int(row.step))), y=1.0, yref="paper", yanchor="bottom",
                            yshift=14 * (i % 3), showarrow=False, font={"size": 10, "color": colour},
@@ -179,9 +193,11 @@ def depth_heatmap(table: pd.DataFrame, train_iterations: int | None = None,
     if "method" in table.columns:
         table = table[table["method"] == "fixed"]
     grid = table.pivot_table(index="hops", columns="iterations", values="accuracy", aggfunc="mean").sort_index()
+    plots = _plots()  # accuracy in [0, 1] on the scale and range of every interp.plots figure
     fig = go.Figure(go.Heatmap(
         z=grid.to_numpy(), x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index],
-        colorscale=ACCURACY_SCALE, zmin=UNIT_RANGE[0], zmax=UNIT_RANGE[1], colorbar=dict(title="accuracy"),
+        colorscale=plots.SEQUENTIAL_COLORSCALE, zmin=plots.UNIT_RANGE[0], zmax=plots.UNIT_RANGE[1],
+        colorbar=dict(title="accuracy"),
         hovertemplate="%{y} hops, %{x} iterations: accuracy %{z:.3f}<extra></extra>",
         text=grid.round(2).to_numpy(), texttemplate="%{text}" if grid.size <= 400 else None,
     ))
@@ -237,9 +253,7 @@ def target_label(target: str, lens: pd.DataFrame) -> str:
 
 def lens_heatmap(lens: pd.DataFrame, target: str, value: str) -> go.Figure:
     """interp.plots' logit-lens heatmap of one target; ranks drawn so that bright = decoded (rank 0)."""
-    from looplens.interp.plots import logit_lens_heatmap
-
-    fig = logit_lens_heatmap(lens, value=value, target=target, example=0)
+    fig = _plots().logit_lens_heatmap(lens, value=value, target=target, example=0)
     if value == "rank":
         fig.update_layout(coloraxis_reversescale=True, coloraxis_cmin=0, coloraxis_colorbar_title="rank")
     fig.update_layout(title=None)
@@ -261,9 +275,7 @@ def hops_table(located: pd.DataFrame) -> pd.DataFrame:
 
 
 def attention(att: pd.DataFrame) -> go.Figure:
-    from looplens.interp.plots import attention_heatmap
-
-    fig = attention_heatmap(att, example=0)
+    fig = _plots().attention_heatmap(att, example=0)
     fig.update_layout(title=None)
     return style(fig, 160 + 22 * att["layer"].nunique())
 
@@ -292,9 +304,7 @@ def pair_columns(pairs: pd.DataFrame) -> tuple:
 
 
 def patching(effect: pd.DataFrame) -> go.Figure:
-    from looplens.interp.plots import patching_heatmap
-
-    fig = patching_heatmap(effect)
+    fig = _plots().patching_heatmap(effect)
     fig.update_layout(title=None)
     return style(fig, 160 + 26 * len(fig.data[0].y))
 
@@ -317,9 +327,7 @@ def _mark_training_count(fig: go.Figure, x: float) -> None:
 
 
 def fixed_points(fixed: pd.DataFrame, measure: str, train_iterations: int) -> go.Figure:
-    from looplens.interp.plots import fixed_points_figure
-
-    fig = fixed_points_figure(fixed, measure)
+    fig = _plots().fixed_points_figure(fixed, measure)
     fig.update_layout(title=None)
     _mark_training_count(fig, train_iterations - 1)  # the plot's t is 0-based
     return style(fig, 380)
@@ -332,9 +340,7 @@ def spectral_table(radius: pd.DataFrame) -> pd.DataFrame:
 
 
 def overthinking(curves: pd.DataFrame, value: str, train_iterations: int) -> go.Figure:
-    from looplens.interp.plots import overthinking_figure
-
-    fig = overthinking_figure(curves, value)
+    fig = _plots().overthinking_figure(curves, value)
     fig.update_layout(title=None)
     _mark_training_count(fig, train_iterations)
     return style(fig, 380)

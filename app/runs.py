@@ -8,6 +8,7 @@ be wrong (missing, empty, not a run, corrupt) into one-line messages that say wh
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -75,6 +76,29 @@ def check_run_dir(path: Path) -> None:
     if not is_run_dir(path):
         raise ValueError(f"{path} has no config.json, so it is not a looplens run directory (nor a folder of runs); "
                          "give the folder that `looplens train --out` wrote")
+
+
+def check_run_config(path: Path) -> None:
+    """:func:`check_run_dir`, and config.json reads as a run's JSON: what can be told about a run
+    without importing torch (the sidebar shows it at once; opening the run tells the rest)."""
+    check_run_dir(path)
+    config = path / RUN_MARKER
+    try:
+        meta = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is corrupt, not JSON ({err}); restore it, or train the run again") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{config} has no 'config' section, so `looplens train` did not write it; "
+                         "give the folder that `looplens train --out` wrote")
+
+
+def quick_problem(path: Path) -> str | None:
+    """None when :func:`check_run_config` passes, else its message (one line, with the fix)."""
+    try:
+        check_run_config(path)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
 
 
 def run_label(path: Path, all_paths: list[Path]) -> str:

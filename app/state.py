@@ -6,6 +6,10 @@ analysis is a call into ``interp``; nothing here computes anything itself. Files
 run trains (metrics.csv, checkpoints/) are keyed by their modification time, so a rerun sees new rows.
 
 Exceptions are not cached by Streamlit: a failed load is retried on the next interaction.
+
+Importing this module is cheap (pandas, streamlit): torch, TransformerLens and ``interp`` are imported
+by :func:`libraries`, the first time a page opens a run, under a spinner; the page's title, the
+navigation and the sidebar are on screen before that (issue 13; tests/test_app.py checks it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ def _stamp(path: Path) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner="Loading torch, TransformerLens and the looplens analyses "
+                   "(first visit after the server starts: a few seconds)...")
+def libraries() -> bool:
+    """Import the heavy libraries once per server process, with a spinner on the page that asked."""
+    import looplens.interp  # noqa: F401
+    import looplens.models.train  # noqa: F401
+
+    return True
+
+
 @st.cache_resource(show_spinner=False, max_entries=64)
 def _open_run(path: str, stamp: tuple[float, int]) -> Any:
     from looplens.models.train import load_run
@@ -40,6 +54,7 @@ def _open_run(path: str, stamp: tuple[float, int]) -> Any:
 
 def open_run(path: str) -> Any:
     """The run at ``path`` (models.train.Run); raises with a readable message when it is not one."""
+    libraries()
     return _open_run(path, _stamp(Path(path) / "config.json"))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 from looplens.app import state
-from looplens.app.runs import run_dirs_from_env, run_label, shipped_run_dir
+from looplens.app.runs import quick_problem, run_dirs_from_env, run_label, shipped_run_dir
 
 log = logging.getLogger("looplens.app")
 
@@ -68,7 +68,10 @@ def all_run_dirs() -> list[Path]:
 
 
 def sidebar() -> None:
-    """The sidebar every page shares: the runs (with their problems) and a box to open another."""
+    """The sidebar every page shares: the runs (with their problems) and a box to open another.
+
+    It checks the runs without opening them (:func:`runs.quick_problem`: no torch import), so it is on
+    screen at once; a run that reads but does not open is reported by :func:`good_runs`, on the page."""
     with st.sidebar:
         st.markdown("### Runs")
         dirs = all_run_dirs()
@@ -76,7 +79,7 @@ def sidebar() -> None:
             st.info(f"No run given. Start the app with `looplens app RUN_DIR`, or open one below "
                     f"(no shipped run at `{shipped_run_dir()}`).")
         for path in dirs:
-            problem = state.run_problem(str(path))
+            problem = quick_problem(path)
             label = run_label(path, dirs)
             if problem:
                 st.error(f"**{label}**: {problem}", icon=":material/error:")
@@ -94,8 +97,24 @@ def sidebar() -> None:
 
 
 def good_runs() -> list[Path]:
-    """The runs that open without error (their problems are shown in the sidebar)."""
-    return [p for p in all_run_dirs() if not state.run_problem(str(p))]
+    """The runs that open without error. The first call after the server starts imports torch (with a
+    spinner: :func:`state.libraries`). Problems the sidebar's quick check saw are shown there; a run
+    that passed it but does not open gets an error box here."""
+    dirs, good = all_run_dirs(), []
+    for path in dirs:
+        if quick_problem(path):
+            continue
+        problem = state.run_problem(str(path))
+        if problem:
+            st.error(f"**{run_label(path, dirs)}** does not open: {problem}", icon=":material/error:")
+        else:
+            good.append(path)
+    return good
+
+
+def no_usable_run() -> None:
+    st.warning("No usable run: give a run directory to `looplens app`, or open one in the sidebar. "
+               "Problems with the runs given are listed in the sidebar.", icon=":material/folder_off:")
 
 
 def _persistent(key: str, options: list, default):
@@ -119,8 +138,7 @@ def pick_run(key: str = "run", label: str = "Run", prefer: str | None = None) ->
     ``prefer``: a task ("composition", "depth") whose first run is the default."""
     runs = good_runs()
     if not runs:
-        st.warning("No usable run: give a run directory to `looplens app`, or open one in the sidebar. "
-                   "Problems with the runs given are listed in the sidebar.", icon=":material/folder_off:")
+        no_usable_run()
         return None
     labels = {run_label(p, runs): p for p in runs}
     default = next((lbl for lbl, p in labels.items() if prefer and state.task(str(p)) == prefer), next(iter(labels)))

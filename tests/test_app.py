@@ -128,6 +128,66 @@ def test_expand_and_check_run_dirs(runs, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# First paint (issue 13): the page's skeleton comes before torch
+# ---------------------------------------------------------------------------------------------------
+HEAVY = ("torch", "transformer_lens", "looplens.interp", "looplens.models")
+
+
+def run_python(code: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); it prints one JSON line last."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_app_modules_import_without_torch():
+    """What main.py and every page import before drawing: no torch, TransformerLens or interp."""
+    loaded = run_python(
+        "import json, sys\n"
+        "import looplens.app.ui, looplens.app.state, looplens.app.figures, looplens.app.runs\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    assert loaded == []
+
+
+BLOCK_HEAVY = """
+import json, sys
+from importlib.abc import MetaPathFinder
+from streamlit.testing.v1 import AppTest
+
+tried = []
+class Block(MetaPathFinder):  # torch and TransformerLens cannot be imported in this interpreter
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformer_lens"):
+            tried.append(name)
+            raise ImportError(f"{name} blocked by the test")
+sys.meta_path.insert(0, Block())
+at = AppTest.from_file(%r, default_timeout=120).run()
+print(json.dumps({"titles": [t.value for t in at.title], "captions": [c.value for c in at.caption],
+                  "errors": [e.value for e in at.error], "warnings": [w.value for w in at.warning],
+                  "exceptions": [e.value for e in at.exception], "tried": tried,
+                  "loaded": [m for m in ("torch", "transformer_lens") if m in sys.modules]}))
+"""
+
+
+def test_title_and_sidebar_are_drawn_before_torch(runs):
+    """With torch unimportable, the app still draws the page's title, the page's caption and the
+    sidebar's run list; the first heavy import comes after them, from the page opening a run, and its
+    failure is an error box, not a traceback. So a user sees the page (and a spinner) at once."""
+    out = run_python(BLOCK_HEAVY % MAIN, **{RUNS_ENV: str(runs / "comp-looped")})
+    assert out["titles"] == ["Training"]
+    assert any("comp-looped" in c for c in out["captions"]), out["captions"]  # the sidebar's run list
+    assert any("Accuracy of each split" in c for c in out["captions"]), out["captions"]  # the page's caption
+    assert out["tried"], "the page never asked for torch: the test would prove nothing"
+    assert out["loaded"] == [] and out["exceptions"] == []
+    assert any("comp-looped** does not open" in e and "blocked by the test" in e for e in out["errors"]), out
+    assert any("No usable run" in w for w in out["warnings"])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Pages
 # ---------------------------------------------------------------------------------------------------
 def test_training_page(monkeypatch, runs):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import streamlit as st
 from looplens.app import figures, state, ui
 
-st.title("Depth")
 st.caption("Accuracy by number of hops (rows) and inference iterations (columns). A looped model that "
            "extrapolates answers deeper queries when given more iterations than it was trained with.")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import streamlit as st
 from looplens.app import figures, state, ui
 
-st.title("Iterations")
 st.caption("Run the loop past its training count: does the state settle to a fixed point, does the answer "
            "get worse (overthinking), and can per-query halting stop at the right time?")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import streamlit as st
 from looplens.app import figures, state, ui
 
-st.title("Patching")
 st.caption("Activation patching: run the corrupted query, copy one activation from the clean run into it, "
            "and measure how much of the clean answer's logit difference comes back (normalised: 1 = fully "
            "restored, 0 = no effect).")

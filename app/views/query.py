@@ -11,7 +11,6 @@ import numpy as np
 import streamlit as st
 from looplens.app import figures, state, ui
 
-st.title("Query explorer")
 st.caption("Follow one query through the loop. The logit lens decodes the residual stream after every "
            "block of every iteration: watch each bridge entity, then the answer, become the top token.")
 

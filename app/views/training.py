@@ -7,13 +7,12 @@ import streamlit as st
 from looplens.app import figures, state, ui
 from looplens.app.runs import run_label
 
-st.title("Training")
 st.caption("Accuracy of each split over training steps (log axis). Memorisation shows as train accuracy "
            "rising first; in-distribution and then out-of-distribution (OOD) accuracy follow, if they do.")
 
 runs = ui.good_runs()
 if not runs:
-    ui.pick_run()  # shows the "no usable run" message
+    ui.no_usable_run()
     st.stop()
 
 labels = {run_label(p, runs): p for p in runs}
