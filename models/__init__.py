@@ -22,7 +22,9 @@ _EXPORTS = {
     "AdaptiveOutput": "looplens.models.looped",
     "LoopedActivationCache": "looplens.models.looped",
     "LoopedTransformer": "looplens.models.looped",
+    "LoopStep": "looplens.models.looped",
     "ModelAtIterations": "looplens.models.looped",
+    "from_pretrained": "looplens.models.pretrained",
 }
 
 __all__ = sorted(_EXPORTS)

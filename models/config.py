@@ -46,7 +46,10 @@ class LoopedConfig:
     act_fn: str = "gelu"
     positional: str = "learned"  # "learned" absolute positions, or "none" (NoPE, section 6)
     ln_eps: float = 1e-5
-    dropout: float = 0.0
+    dropout: float = 0.0  # attention-pattern and residual (attn_out, mlp_out) dropout: GPT-2's attn/resid_pdrop
+    # dropout of the embedded input (GPT-2's embd_pdrop; None: dropout). The paper's depth code sets only
+    # embd_pdrop (0.0) and keeps GPT-2's attn/resid_pdrop 0.1 (docs/fidelity.md).
+    embed_dropout: float | None = None
     tie_embeddings: bool = True  # W_U = W_E^T, as in the paper (GPT-2 style)
     zero_init_out: bool = False  # W_O and W_out start at zero: every block is the identity at init
     init_std: float = 0.02  # std of every weight matrix at init (GPT-2's 0.02)
@@ -101,6 +104,8 @@ class LoopedConfig:
         need(self.input_injection in _INJECTION,
              f"input_injection must be one of {_INJECTION}, got {self.input_injection!r}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.embed_dropout is None or 0.0 <= self.embed_dropout < 1.0,
+             f"embed_dropout must be in [0, 1) (or None: dropout), got {self.embed_dropout}")
         need(isinstance(self.feedback, int | float) and self.feedback >= 0,
              f"feedback must be a number >= 0 (0: off), got {self.feedback!r}")
         need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")

@@ -135,7 +135,7 @@ class LoopedTransformer(HookedRootModule):
         if cfg.positional == "learned":
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = nn.Dropout(cfg.dropout if cfg.embed_dropout is None else cfg.embed_dropout)
         # Physical weights: each exists once.
         self.prelude = nn.ModuleList(BlockParams(cfg) for _ in range(cfg.n_prelude))
         self.core = nn.ModuleList(BlockParams(cfg) for _ in range(cfg.n_blocks))
@@ -672,6 +672,14 @@ class LoopedTransformer(HookedRootModule):
         from looplens.models.checkpoint import load_checkpoint
 
         return load_checkpoint(path, device=device, **expect)
+
+    @classmethod
+    def from_pretrained(cls, src: Any, n_iterations: int = 1, **kwargs: Any) -> LoopedTransformer:
+        """Import a checkpoint of the paper's code or a GPT2LMHeadModel, looped ``n_iterations`` times
+        (see :mod:`looplens.models.pretrained`)."""
+        from looplens.models.pretrained import from_pretrained
+
+        return from_pretrained(src, n_iterations, **kwargs)
 
 
 class LoopedActivationCache(ActivationCache):
