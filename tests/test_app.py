@@ -145,12 +145,15 @@ def run_python(code: str, **env: str) -> dict:
 
 
 def test_app_modules_import_without_torch():
-    """What main.py and every page import before drawing: no torch, TransformerLens or interp."""
+    """What main.py imports before drawing the sidebar: no pandas, plotly, torch, TransformerLens or interp;
+    app.figures (which the pages import) no torch, TransformerLens or interp."""
     loaded = run_python(
         "import json, sys\n"
-        "import looplens.app.ui, looplens.app.state, looplens.app.figures, looplens.app.runs\n"
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
-    assert loaded == []
+        "import looplens.app.ui, looplens.app.state, looplens.app.runs\n"
+        f"light = [m for m in {(*HEAVY, 'pandas', 'plotly')!r} if m in sys.modules]\n"
+        "import looplens.app.figures\n"
+        f"print(json.dumps([light, [m for m in {HEAVY!r} if m in sys.modules]]))")
+    assert loaded == [[], []]
 
 
 BLOCK_HEAVY = """
@@ -174,15 +177,16 @@ print(json.dumps({"titles": [t.value for t in at.title], "captions": [c.value fo
 
 
 def test_title_and_sidebar_are_drawn_before_torch(runs):
-    """With torch unimportable, the app still draws the page's title, the page's caption and the
-    sidebar's run list; the first heavy import comes after them, from the page opening a run, and its
-    failure is an error box, not a traceback. So a user sees the page (and a spinner) at once."""
+    """With torch unimportable, the app still draws the page's title, the sidebar's run list and the
+    page's caption; the heavy imports come after the title and the sidebar, and their failure is an
+    error box, not a traceback. So a user sees the page (and a spinner) at once."""
     out = run_python(BLOCK_HEAVY % MAIN, **{RUNS_ENV: str(runs / "comp-looped")})
     assert out["titles"] == ["Training"]
     assert any("comp-looped" in c for c in out["captions"]), out["captions"]  # the sidebar's run list
     assert any("Accuracy of each split" in c for c in out["captions"]), out["captions"]  # the page's caption
-    assert out["tried"], "the page never asked for torch: the test would prove nothing"
+    assert out["tried"], "the app never asked for torch: the test would prove nothing"
     assert out["loaded"] == [] and out["exceptions"] == []
+    assert any(e.startswith("**Loading torch") and "blocked by the test" in e for e in out["errors"]), out
     assert any("comp-looped** does not open" in e and "blocked by the test" in e for e in out["errors"]), out
     assert any("No usable run" in w for w in out["warnings"])
 
@@ -289,6 +293,7 @@ def test_patching_page(monkeypatch, runs):
     assert not at.exception and "both queries have the answer" in errors(at)[0]
 
 
+@pytest.mark.slow
 def test_iterations_page_halting_sliders(monkeypatch, runs):
     at = start(monkeypatch, runs, page="iterations")
     assert_clean(at)
@@ -376,7 +381,7 @@ def test_query_leaving_a_random_tail_world(monkeypatch, tmp_path):
     from looplens.data import DataConfig, build_dataset, load_dataset
 
     cfg = DataConfig(task="composition", world="random-tail", n_entities=30, n_relations=6, out_degree=2,
-                     phi=1.0, eval_max=50)
+                     phi=1.0, eval_max=50, ood_fraction=0.2, test_id_fraction=0.05)  # non-empty test splits
     ds = load_dataset(build_dataset(cfg, tmp_path / "ds"))
     monkeypatch.setattr(state, "dataset", lambda path: ds)
     monkeypatch.setattr(state, "max_query_hops", lambda path: 2)

@@ -616,6 +616,7 @@ def test_unknown_split_is_a_clear_error(depth_dir):
         load_dataset(depth_dir).rows("valid")
 
 
+@pytest.mark.slow
 def test_paper_scale_build_load_encode(tmp_path):
     ds = load_dataset(build_dataset(DataConfig(), tmp_path / "paper"))
     assert ds.meta["splits"]["train"]["count"] == 313_600

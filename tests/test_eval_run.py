@@ -34,6 +34,7 @@ def test_readout_per_iteration_matches_separate_runs(n_coda, injection):
         torch.testing.assert_close(logits, model.predict(tokens, n_iterations=t), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_set_groups_and_counts(depth_run):
     run = load_run(depth_run)
     ds = run.dataset
@@ -50,6 +51,7 @@ def test_evaluate_set_groups_and_counts(depth_run):
     assert model.training is False
 
 
+@pytest.mark.slow
 def test_evaluate_run_fixed_and_halting(depth_run):
     df = evaluate(depth_run, iterations=range(1, 7), hops=[2, 3], halting="kl+entropy", eps=0.01, entropy=3.0,
                   max_iterations=6)
@@ -69,6 +71,7 @@ def test_evaluate_run_fixed_and_halting(depth_run):
     assert "test" in text and "adaptive halting" in text
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_csv_and_prints_tables(depth_run, tmp_path, capsys):
     assert main(["eval", str(depth_run), "--iterations", "1:4", "--hops", "2:3", "--checkpoint", "64"]) == 0
     printed = capsys.readouterr().out

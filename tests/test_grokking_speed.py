@@ -71,6 +71,7 @@ def test_steps_or_epochs_reads_which_quantity_stays_constant():
     assert gs.steps_or_epochs(table[table.intervention == "control"]).empty
 
 
+@pytest.mark.slow
 def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
     table = gs.run_grid(tmp_path, base="smoke-composition", interventions=["weight-decay-1"], seeds=[0],
                         max_steps=40, progress=False)
@@ -92,6 +93,7 @@ def test_grid_trains_reuses_finished_runs_and_reports(tmp_path):
         gs.run_grid(tmp_path, base="smoke-composition", interventions=["magic"], progress=False)
 
 
+@pytest.mark.slow
 def test_study_cli_grokking_speed(tmp_path, capsys):
     from looplens.analyses.cli import main
 
@@ -104,6 +106,7 @@ def test_study_cli_grokking_speed(tmp_path, capsys):
     assert "grokking-speed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_grid_runs_in_parallel_processes(tmp_path):
     """jobs=2 trains the runs in two spawned processes; the same seed gives the same numbers as in-process."""
     table = gs.run_grid(tmp_path / "par", base="smoke-composition", interventions=["lr-half"], seeds=[0],

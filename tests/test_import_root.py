@@ -24,6 +24,7 @@ def _run(code: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_imports_are_not_shadowed_by_a_users_folders(ml_project: Path):
     code = (
         "import data, models\n"

@@ -58,6 +58,7 @@ def tl_metric(model, T):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.slow
 def test_agrees_with_transformer_lens_patching(config):
     model = model_with(**CONFIGS[config])
     T = model.cfg.n_iterations

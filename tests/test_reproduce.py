@@ -32,6 +32,7 @@ def _summary_verdicts(path: Path) -> dict[int, str]:
     return rows
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage(smoke):
     plan = plan_for("smoke")
     ledger = json.loads((smoke / "ledger.json").read_text())
@@ -52,6 +53,7 @@ def test_smoke_runs_every_stage(smoke):
     assert len(figures) >= 15 and (report / "figures" / "plotly.min.js").is_file()
 
 
+@pytest.mark.slow
 def test_smoke_summary_verdicts_follow_the_numbers(smoke):
     findings = {s: load_findings(smoke / "studies" / s) for s in STUDIES}
     expected = {c.claim: c.verdict for c in claims.judge_claims(findings)}
@@ -61,6 +63,7 @@ def test_smoke_summary_verdicts_follow_the_numbers(smoke):
     assert "## Verdict rules" in text and all(rule in text for rule in claims.RULES.values())
 
 
+@pytest.mark.slow
 def test_smoke_rerun_skips_everything(smoke, capsys):
     before = (smoke / "report" / "summary.md").read_bytes()
     ledger = (smoke / "ledger.json").read_text()
@@ -109,6 +112,7 @@ def _results(out: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 def test_resume_after_kills_gives_identical_results(tmp_path, monkeypatch):
     from looplens.models.train import trainer as trainer_module
 
@@ -154,6 +158,7 @@ def test_resume_after_kills_gives_identical_results(tmp_path, monkeypatch):
     assert resumed.verdicts == straight.verdicts
 
 
+@pytest.mark.slow
 def test_stop_env_and_cli_exit_code(tmp_path, monkeypatch, capsys):
     import looplens.analyses.reproduce as rep
 
@@ -168,6 +173,7 @@ def test_stop_env_and_cli_exit_code(tmp_path, monkeypatch, capsys):
     assert "2 stages run, 2 skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_out_must_be_a_matching_reproduction(tmp_path):
     out = tmp_path / "r"
     reproduce(_mini(), out, progress=False, log=None)

@@ -11,6 +11,7 @@ RUNS = ["looped", "vanilla"]
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.slow
 def test_shipped_checkpoints_reproduce_recorded_accuracies(name):
     run = load_run(shipped_run_path() / name)
     recorded = run.metrics
@@ -39,6 +40,7 @@ def test_shipped_pair_is_iso_flop_on_the_same_data():
     assert looped.config.run.seed == vanilla.config.run.seed
 
 
+@pytest.mark.slow
 def test_shipped_looped_model_composes_never_composed_facts_and_vanilla_does_not():
     """The README's headline, recomputed from the shipped final checkpoints (not read from metrics.csv):
     the looped model answers strict-OOD 2-hop queries, its iso-FLOP vanilla twin does not, and both know

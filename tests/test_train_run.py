@@ -31,6 +31,7 @@ def smoke_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_smoke_run_learns_and_writes_the_run_directory(smoke_run):
     out, result = smoke_run
     assert result.step == 300 and result.stop_reason == "max_steps"
@@ -52,6 +53,7 @@ def test_smoke_run_learns_and_writes_the_run_directory(smoke_run):
     assert set(evals[evals.split.str.contains("atomic")].hops) == {1} and set(evals[evals.split.str.contains("inferred")].hops) == {2}
 
 
+@pytest.mark.slow
 def test_checkpoints_sidecars_and_provenance(smoke_run):
     out, _ = smoke_run
     run = load_run(out)
@@ -70,6 +72,7 @@ def test_checkpoints_sidecars_and_provenance(smoke_run):
         run.load_model(5)
 
 
+@pytest.mark.slow
 def test_final_model_reproduces_logged_accuracy(smoke_run):
     out, _ = smoke_run
     run = load_run(out)
@@ -95,6 +98,7 @@ def _same_weights(a: Path, b: Path, step: int) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     cfg = preset("smoke-composition").with_overrides(RESUME_OVERRIDES)
     train(cfg, tmp_path / "straight", progress=False)
@@ -145,6 +149,7 @@ train(cfg, sys.argv[1], progress=False)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     overrides = ["run.max_steps=80", "eval.every=10", "run.save_every=5", "run.log_every=3"]
     cfg = preset("smoke-composition").with_overrides(overrides)
@@ -190,6 +195,7 @@ def _scripted_eval(passing_hops: set[int]):
     return fake
 
 
+@pytest.mark.slow
 def test_curriculum_advances_and_records_learnable_depth(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "evaluate_set", _scripted_eval({2, 3, 4}))
     cfg = preset("smoke-depth").with_overrides(["curriculum.stage_budget=200", "eval.every=50"])
@@ -217,6 +223,7 @@ def test_curriculum_advances_and_records_learnable_depth(tmp_path, monkeypatch):
     assert summary["learnable_depth"] == 4 and summary["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_curriculum_stops_when_a_stage_exhausts_its_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "evaluate_set", _scripted_eval({2}))
     cfg = preset("smoke-depth").with_overrides(["curriculum.stage_budget=200", "eval.every=50"])
@@ -228,6 +235,7 @@ def test_curriculum_stops_when_a_stage_exhausts_its_budget(tmp_path, monkeypatch
     assert again.step == 250
 
 
+@pytest.mark.slow
 def test_curriculum_advances_on_real_training_and_evaluation(tmp_path):
     """No stand-in evaluation: a real model is trained and evaluated. Held-out chains cannot be learned
     in seconds by composition (small worlds are memorised, not composed), so the test chains are added
@@ -256,6 +264,7 @@ def test_curriculum_advances_on_real_training_and_evaluation(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Stops and the run directory
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_stop_on_target_accuracy_and_time_budget(tmp_path):
     cfg = preset("smoke-composition").with_overrides(["run.stop_split=id_atomic", "run.stop_accuracy=0.0"])
     result = train(cfg, tmp_path / "t", progress=False)
@@ -317,6 +326,7 @@ def test_metrics_columns_are_exact_for_the_depth_task(tmp_path):
     assert sorted(set(frame[frame.split == "train_eval"].hops)) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_supervise_from_hops_is_the_mean_of_per_iteration_answer_losses(tmp_path):
     """recurrence.supervise = "from_hops": a k-hop query's loss is the mean over iterations t >= k of the
     cross-entropy read after iteration t; it trains, and the run records the setting."""
