@@ -115,6 +115,7 @@ def composition_splits(world: World, cfg: DataConfig) -> Generated:
     cat = {(a, b): _TwoHopIndex(world, ood, a, b) for a in (False, True) for b in (False, True)}
     trainable = cat[False, False]
     n_heldout = round(cfg.test_id_fraction * trainable.total)
+    _check_world_size(world, cfg, n_atomic, cat[True, True].total, trainable.total, n_heldout)
     n_id_atomic = n_atomic - n_ood
     n_train = round(cfg.phi * n_id_atomic)
     available = trainable.total - n_heldout
@@ -158,6 +159,64 @@ def composition_splits(world: World, cfg: DataConfig) -> Generated:
     }
     splits = {name: splits[name].sorted() for name in COMPOSITION_SPLITS}
     return Generated(world, splits, counts, max_hops=2, ood_atomic=atomic.take(ood_idx))
+
+
+def _smallest_fraction(n: int, works) -> float | None:
+    """The smallest fraction f on a 0.001 grid (as --ood-fraction / --test-id-fraction take it) with
+    ``works(round(f * n))``; ``works`` must be monotone in its count. None when no f < 1 works."""
+    lo, hi = 1, n
+    if n < 1 or not works(hi):
+        return None
+    while lo < hi:  # smallest count that works (binary search: the samples are nested prefixes)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid + 1, hi)
+    for k in range(max(1, math.floor(1000 * (lo - 0.5) / n) - 1), 1000):
+        if round(k / 1000 * n) >= lo:
+            return k / 1000
+    return None
+
+
+def _entities_for_ood(cfg: DataConfig, tries: int = 40) -> int | None:
+    """A world size that gives a non-empty OOD test at cfg's fraction and seed (checked, not estimated:
+    the count is not monotone in the size, so sizes grow by 10% until one works)."""
+    n = cfg.n_entities
+    for _ in range(tries):
+        n = max(n + 1, math.ceil(n * 1.1))
+        world = make_world(cfg.world, n, cfg.n_relations, cfg.out_degree, cfg.seed)
+        n_atomic = len(world.facts()[0])
+        mask = np.zeros(n_atomic, dtype=bool)
+        count = round(cfg.ood_fraction * n_atomic)
+        mask[sample_without_replacement(rng_for(cfg.seed, "composition/ood"), n_atomic, count)] = True
+        if _TwoHopIndex(world, mask, True, True).total > 0:
+            return n
+    return None
+
+
+def _check_world_size(world: World, cfg: DataConfig, n_atomic: int, n_ood_2hop: int, n_trainable: int,
+                      n_heldout: int) -> None:
+    """Refuse a world too small for the requested OOD / held-out fractions (they would give an empty
+    OOD or ID test split, silently), naming the smallest fraction that works for this world and seed."""
+    if cfg.ood_fraction > 0 and n_ood_2hop == 0:
+        def ood_works(count: int) -> bool:
+            mask = np.zeros(n_atomic, dtype=bool)
+            mask[sample_without_replacement(rng_for(cfg.seed, "composition/ood"), n_atomic, count)] = True
+            return _TwoHopIndex(world, mask, True, True).total > 0
+
+        smallest = _smallest_fraction(n_atomic, ood_works)
+        fix = (f"raise --ood-fraction to at least {smallest} (data.ood_fraction)" if smallest is not None
+               else "no --ood-fraction below 1 gives one")
+        entities = _entities_for_ood(cfg)
+        bigger = f", or a bigger world (--entities {entities} works at this fraction)" if entities else ""
+        raise ValueError(
+            f"world too small for --ood-fraction {cfg.ood_fraction}: {round(cfg.ood_fraction * n_atomic)} of "
+            f"{n_atomic} atomic facts are OOD and no 2-hop fact has both hops OOD, so test_inferred_ood would be "
+            f"empty; {fix}{bigger}")
+    if cfg.test_id_fraction > 0 and n_heldout == 0 and n_trainable > 0:
+        smallest = _smallest_fraction(n_trainable, lambda count: count >= 1)
+        raise ValueError(
+            f"world too small for --test-id-fraction {cfg.test_id_fraction}: round({cfg.test_id_fraction} x "
+            f"{n_trainable} trainable 2-hop facts) = 0, so test_inferred_id would be empty; raise "
+            f"--test-id-fraction to at least {smallest} (data.test_id_fraction)")
 
 
 def _sample_category(index: _TwoHopIndex, ranks: np.ndarray) -> Facts:

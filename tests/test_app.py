@@ -145,12 +145,12 @@ def run_python(code: str, **env: str) -> dict:
 
 
 def test_app_modules_import_without_torch():
-    """What main.py imports before drawing the sidebar: no pandas, plotly, torch, TransformerLens or interp;
+    """What main.py imports before drawing the sidebar: no pandas, plotly.express, torch, TransformerLens or interp;
     app.figures (which the pages import) no torch, TransformerLens or interp."""
     loaded = run_python(
         "import json, sys\n"
         "import looplens.app.ui, looplens.app.state, looplens.app.runs\n"
-        f"light = [m for m in {(*HEAVY, 'pandas', 'plotly')!r} if m in sys.modules]\n"
+        f"light = [m for m in {(*HEAVY, 'pandas', 'plotly.express')!r} if m in sys.modules]\n"
         "import looplens.app.figures\n"
         f"print(json.dumps([light, [m for m in {HEAVY!r} if m in sys.modules]]))")
     assert loaded == [[], []]

@@ -254,3 +254,40 @@ def test_checkpoint_and_dataset_files_follow_the_umask(tmp_path, umask_027, caps
     capsys.readouterr()
     assert _mode(tmp_path / "ds") == 0o750
     assert {_mode(p) for p in (tmp_path / "ds").iterdir()} == {0o640}
+
+
+# -------------------------------------------------------------------------------------------------
+# a world too small for the requested fractions: refuse, naming the smallest setting that works
+# -------------------------------------------------------------------------------------------------
+SMALL_WORLD = ["data", "--task", "composition", "--world", "random-tail", "--entities", "10", "--relations", "3",
+               "--out-degree", "2", "--phi", "1", "--seed", "0"]
+
+
+@pytest.mark.parametrize(("flag", "value", "other", "split"), [
+    ("--ood-fraction", "0.05", ["--test-id-fraction", "0.2"], "test_inferred_ood"),
+    ("--test-id-fraction", "0.005", ["--ood-fraction", "0.2"], "test_inferred_id"),
+])
+def test_world_too_small_names_the_smallest_fraction_that_works(tmp_path, capsys, flag, value, other, split):
+    import re
+
+    from looplens.data import load_dataset
+
+    def generate(fraction: str, out: str) -> tuple[int, str]:
+        status = main([*SMALL_WORLD, *other, flag, fraction, "--out", str(tmp_path / out)])
+        return status, capsys.readouterr().err
+
+    status, err = generate(value, "refused")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"world too small for {flag} {value}" in err and f"{split} would be empty" in err, err
+    assert not (tmp_path / "refused").exists()
+    smallest = float(re.search(rf"raise {flag} to at least ([0-9.]+)", err).group(1))
+    status, err = generate(repr(smallest), "ok")
+    assert status == 0, err
+    assert load_dataset(tmp_path / "ok").count(split) >= 1
+    status, err = generate(repr(round(smallest - 0.001, 3)), "just-below")  # it is the smallest on the grid
+    assert status == 2 and "world too small" in err, err
+    bigger = re.search(r"--entities (\d+) works", err)
+    if flag == "--ood-fraction":  # the bigger world it names works too
+        world = [*SMALL_WORLD[:6], bigger.group(1), *SMALL_WORLD[7:]]
+        assert main([*world, *other, flag, value, "--out", str(tmp_path / "bigger")]) == 0, capsys.readouterr().err
+        assert load_dataset(tmp_path / "bigger").count(split) >= 1
