@@ -3,10 +3,11 @@
 Each page is a thin script under app/views/ that calls ``interp`` through the caches in app/state.py.
 
 First paint (issue 13): this script draws the navigation and the page's title before it imports
-anything beyond Streamlit, then the sidebar (which checks the runs without opening them), then runs
-the page. Pandas and plotly come with the page's modules; torch, TransformerLens and ``interp`` load
-the first time a page opens a run, under a spinner (app/state.py:libraries). Keep heavy imports out of
-this file: tests/test_app.py checks the title is drawn while torch cannot even be imported.
+anything beyond Streamlit, then the sidebar (which checks the runs without opening them), then loads
+pandas, plotly, torch, TransformerLens and ``interp`` under a spinner (app/state.py:libraries, once
+per server process), then runs the page. Keep heavy imports out of this file and out of app/ui.py,
+app/state.py and app/runs.py: tests/test_app.py checks that the title and the sidebar are drawn while
+torch cannot even be imported.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def main() -> None:
     )
     st.title(page.title)  # on screen before the imports below (pages draw their content after it)
 
-    from looplens.app import ui  # pandas (app/state.py); imported once per server process
+    from looplens.app import state, ui  # light: Streamlit and the standard library
 
     ui.sidebar()
+    with ui.guard("Loading torch, TransformerLens and looplens", "Check the installation: "
+                  "`pip install -e .` in the looplens checkout, then restart `looplens app`."):
+        state.libraries()
     page.run()
 
 

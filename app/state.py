@@ -7,19 +7,21 @@ run trains (metrics.csv, checkpoints/) are keyed by their modification time, so 
 
 Exceptions are not cached by Streamlit: a failed load is retried on the next interaction.
 
-Importing this module is cheap (pandas, streamlit): torch, TransformerLens and ``interp`` are imported
-by :func:`libraries`, the first time a page opens a run, under a spinner; the page's title, the
+Importing this module is cheap (streamlit only): pandas, plotly, torch, TransformerLens and ``interp``
+are imported by :func:`libraries`, once per server process, under a spinner; the page's title, the
 navigation and the sidebar are on screen before that (issue 13; tests/test_app.py checks it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import streamlit as st
 from looplens.app.runs import check_run_dir
+
+if TYPE_CHECKING:  # pandas is imported where it is used: the sidebar draws before it is loaded
+    import pandas as pd
 
 
 def _stamp(path: Path) -> tuple[float, int]:
@@ -37,8 +39,10 @@ def _stamp(path: Path) -> tuple[float, int]:
 @st.cache_resource(show_spinner="Loading torch, TransformerLens and the looplens analyses "
                    "(first visit after the server starts: a few seconds)...")
 def libraries() -> bool:
-    """Import the heavy libraries once per server process, with a spinner on the page that asked."""
-    import looplens.interp  # noqa: F401
+    """Import the heavy libraries once per server process, with a spinner where it is called (app/main.py
+    calls it under the page's title; :func:`open_run` too, for callers outside the app's pages)."""
+    import looplens.app.figures  # noqa: F401 - pandas, plotly
+    import looplens.interp  # noqa: F401 - torch, TransformerLens
     import looplens.models.train  # noqa: F401
 
     return True
@@ -152,6 +156,8 @@ EVAL_NEEDED = ("split", "hops", "iterations", "accuracy")
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _eval_table(path: str, name: str, stamp: tuple[float, int]) -> pd.DataFrame:
+    import pandas as pd
+
     file = Path(path) / "eval" / name
     try:
         table = pd.read_csv(file)
@@ -255,7 +261,10 @@ def logit_lens(path: str, step: int, query: str, n_iterations: int) -> pd.DataFr
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def locate_hops(path: str, step: int, query: str, n_iterations: int) -> pd.DataFrame:
+    import pandas as pd
+
     from looplens import interp
+
     q = parse_query(path, query)
     if q["chain"] is None:
         return pd.DataFrame()
