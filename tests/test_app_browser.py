@@ -17,6 +17,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "app_runs"
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_every_page_renders_in_chromium(tmp_path):
     chromium = find_chromium()
     if chromium is None:
