@@ -7,6 +7,7 @@ the model exactly as they found it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -190,26 +191,6 @@ def analysis_mode(model: LoopedTransformer) -> Iterator[None]:
         model.cfg.n_iterations = n_iterations
 
 
-def prepare(model: LoopedTransformer, n_iterations: int) -> None:
-    """Hook modules for a run of ``n_iterations`` exist and point at the right weights (what forward does)."""
-    model.prepare(n_iterations)
-
-
-def final_state_logits(
-    model: LoopedTransformer, state: Float[Tensor, "batch pos d_model"], readout: Int[Tensor, " batch"], n_iterations: int
-) -> Float[Tensor, "batch d_vocab"]:
-    """Readout logits at each row's readout position from the state after the loop.
-
-    Without a coda only the readout positions are decoded (cheap); a coda mixes positions, so then the
-    whole sequence goes through it first.
-    """
-    rows = torch.arange(state.shape[0], device=state.device)
-    model._bind(n_iterations)
-    if model.cfg.n_coda:
-        return model.readout(state, n_iterations)[rows, readout]
-    return model.readout(state[rows, readout][:, None], n_iterations)[:, 0]
-
-
 def decode(model: LoopedTransformer, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
     """Logit lens: the model's own final LayerNorm and unembedding applied to any residual stream."""
     return model.unembed(model.ln_final(resid))
@@ -299,16 +280,10 @@ def frame(columns: dict[str, Any], dtypes: dict[str, Any]) -> pd.DataFrame:
     return out.astype(dtypes)
 
 
-def readout_logits(
-    model: LoopedTransformer, tokens: Int[Tensor, "batch pos"], n_iterations: int, readout: Int[Tensor, " batch"]
-) -> Float[Tensor, "batch d_vocab"]:
-    """One forward (embed -> n_iterations x iterate -> readout) decoding only the readout positions.
-
-    Hooks attached through ``model.hooks()`` fire exactly as in ``model(tokens)``.
+def readout_logits(model: LoopedTransformer, tokens: Int[Tensor, "batch pos"], n_iterations: int
+                   ) -> Float[Tensor, "batch d_vocab"]:
+    """One run of the loop driver, decoding only each query's readout position (the whole sequence only
+    when a coda mixes positions). Hooks attached through ``model.hooks()`` fire exactly as in ``model(tokens)``.
     """
-    prepare(model, n_iterations)
-    state = model.embed_tokens(tokens)
-    injected = state
-    for t in range(n_iterations):
-        state = model.iterate(state, t, injected)
-    return final_state_logits(model, state, readout, n_iterations)
+    (last,) = collections.deque(model.steps(tokens, n_iterations), maxlen=1)
+    return last.answer_logits()

@@ -8,6 +8,7 @@ any, applies from t = 1 on).
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -23,7 +24,6 @@ from looplens.interp._common import (
     check_positive_int,
     chunks,
     frame,
-    prepare,
 )
 from looplens.models import LoopedTransformer
 from torch import Tensor
@@ -148,17 +148,15 @@ def _fixed_point_chunk(model: LoopedTransformer, tok: Tensor, offset: int, T: in
                 hooks.append((f"blocks.{v}.hook_resid_post", on_resid))
             if attention:
                 hooks.append((f"blocks.{v}.attn.hook_pattern", on_pattern))
-    prepare(model, T)
     states = []
     with model.hooks(fwd_hooks=hooks):
-        state = model.embed_tokens(tok)
-        injected = state
-        for t in range(T):
-            new = model.iterate(state, t, injected)
-            records.append(("relative_change", t, -1, _rel_change(new, state)[rows, pos]))
-            records.append(("norm", t, -1, new.norm(dim=-1)[rows, pos]))
-            states.append(new[rows, pos])
-            state = new
+        previous = None
+        for step in model.steps(tok, T):
+            before = step.loop_input if previous is None else previous  # h_{-1} is the loop's input
+            records.append(("relative_change", step.iteration, -1, _rel_change(step.state, before)[rows, pos]))
+            records.append(("norm", step.iteration, -1, step.state.norm(dim=-1)[rows, pos]))
+            states.append(step.state[rows, pos])
+            previous = step.state
     for t, s in enumerate(states):
         records.append(("cosine_to_final", t, -1, torch.nn.functional.cosine_similarity(s, states[-1], dim=-1)))
     is_readout = pos == model.readout_positions(tok)[rows]
@@ -258,24 +256,27 @@ def spectral_radius(
     with analysis_mode(model):
         for sl in chunks(tokens.shape[0], batch_size, progress, "spectral radius"):
             tok = tokens[sl]
-            prepare(model, T + 1)
-            state = model.embed_tokens(tok)
-            injected = state
-            for t in range(T):
-                state = model.iterate(state, t, injected)
+            (last,) = collections.deque(model.steps(tok, T), maxlen=1)
+            state = last.state
             mask = (torch.arange(tok.shape[1], device=tok.device)[None] <= model.readout_positions(tok)[:, None])
             mask = mask[..., None].to(state.dtype)
             # SDPA has no forward-mode AD: a hook on the pattern selects the explicit attention path
             force = [(f"blocks.{model.virtual_layer(T, l)}.attn.hook_pattern", _identity) for l in range(model.cfg.n_blocks)]
             with model.hooks(fwd_hooks=force), torch.enable_grad():
-                step = functools.partial(model.iterate, iteration=T, injected=injected)
-                radius, norm, residual = _contraction(step, state, mask, n_steps, gen)
+                radius, norm, residual = _contraction(functools.partial(_one_more_iteration, model, tok, T, last.loop_input),
+                                                      state, mask, n_steps, gen)
             parts.append(pd.DataFrame({
                 "example": np.arange(sl.start, sl.stop), "n_iterations": T, "spectral_radius": radius,
                 "spectral_norm": norm, "fixed_point_residual": residual, "n_steps": n_steps}))
     if not parts:
         return frame({c: [] for c in SPECTRAL_COLUMNS}, SPECTRAL_COLUMNS)
     return pd.concat(parts, ignore_index=True).astype(SPECTRAL_COLUMNS)
+
+
+def _one_more_iteration(model: LoopedTransformer, tokens: Tensor, T: int, loop_input: Tensor | None,
+                        h: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """F(h): iteration T (0-based) of the loop from state h, as the driver runs it (injection included)."""
+    return next(model.steps(tokens, T + 1, start=T, state=h, loop_input=loop_input)).state
 
 
 def _identity(x: Tensor, hook: Any) -> Tensor:

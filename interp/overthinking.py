@@ -20,7 +20,6 @@ from looplens.interp._common import (
     chunks,
     distribution_stats,
     entity_ids,
-    final_state_logits,
     frame,
     restrict,
     target_stats,
@@ -96,15 +95,10 @@ def overthinking(
         hops_t = readout.cpu() if hops is None else torch.as_tensor(np.asarray(hops)).reshape(-1).long()
         if hops_t.shape[0] != n:
             raise ValueError(f"hops must have one entry per query ({n}), got {hops_t.shape[0]}")
-        model._grow(N)
         for sl in chunks(n, batch_size, progress, "overthinking"):
-            model._bind(1)  # the prelude's virtual layers point at the prelude weights
-            state = model.embed_tokens(tokens[sl])
-            injected = state
-            for t in range(N):
-                model._bind(t + 1)  # a coda sits right after the last iteration of the run
-                state = model.iterate(state, t, injected)
-                logits = restrict(final_state_logits(model, state, readout[sl], t + 1), candidates)
+            for step in model.steps(tokens[sl], N):  # the readout after every iteration of one run
+                t = step.iteration
+                logits = restrict(step.answer_logits(), candidates)
                 dist = distribution_stats(logits)
                 stats = target_stats(logits, dist, answer_index[sl])
                 pred = dist["top_index"] if candidates is None else candidates[dist["top_index"]]

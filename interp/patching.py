@@ -11,6 +11,7 @@ and one hook per virtual layer patches each copy at its own cell.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,6 @@ from looplens.interp._common import (
     check_choice,
     check_n_iterations,
     check_positive_int,
-    final_state_logits,
     layer_table,
     progress_bar,
     readout_logits,
@@ -312,9 +312,10 @@ def activation_patching(
             logits, clean_cache = model.run_with_cache(clean_t, n_iterations=T, names_filter=lambda x: x in names)
             clean_logits = logits[rows, readout]
         else:
-            clean_logits = readout_logits(model, clean_t, T, readout)
-        # the corrupted run once: its logits, and the resid_pre of every patched layer to resume from
-        starts = [f"blocks.{v}.hook_resid_pre" for v in sorted(set(cells["layer"]))]
+            clean_logits = readout_logits(model, clean_t, T)
+        # the corrupted run once: its logits, the loop's input, and the resid_pre of every patched layer to
+        # resume from
+        starts = {f"blocks.{v}.hook_resid_pre" for v in {*cells["layer"], model.cfg.n_prelude}}
         logits, corrupted_cache = model.run_with_cache(corrupted_t, n_iterations=T, names_filter=lambda x: x in starts)
         corrupted_logits = logits[rows, readout]
         if corrupted_ans is None:
@@ -322,7 +323,7 @@ def activation_patching(
         clean_metric = metric_fn(clean_logits, clean_ans, corrupted_ans).float()
         corrupted_metric = metric_fn(corrupted_logits, clean_ans, corrupted_ans).float()
         clean_acts = {name: clean_cache[name].to(clean_t.device) for name in names}
-        patched = _sweep(model, cells, clean_acts, corrupted_t, corrupted_cache, readout, T, suffix, by_position,
+        patched = _sweep(model, cells, clean_acts, corrupted_t, corrupted_cache, T, suffix, by_position,
                          metric_fn, clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
     return _patch_frame(short, cells, patched.cpu().double(), clean_metric.cpu().double(),
                         corrupted_metric.cpu().double(), per_example)
@@ -422,7 +423,7 @@ def _patch_hook(n_copies: int, B: int, copies: Tensor, pos: Tensor, head: Tensor
 
 
 def _sweep(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, Tensor], corrupted: Tensor,
-           corrupted_cache: Any, readout: Tensor, T: int, suffix: str, by_position: bool, metric_fn: Metric, clean_ans: Tensor,
+           corrupted_cache: Any, T: int, suffix: str, by_position: bool, metric_fn: Metric, clean_ans: Tensor,
            corrupted_ans: Tensor, batch_size: int, progress: bool) -> Tensor:
     """Metric of every patched run, [cells, pairs].
 
@@ -436,7 +437,7 @@ def _sweep(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, 
     layer, pos, head = (torch.tensor(cells[c].to_numpy(dtype=np.int64), device=device)
                         for c in ("layer", "position", "head"))
     layers = sorted(set(layer.tolist()))
-    injected = model.embed_tokens(corrupted)  # the loop's input; recomputed when the patch is in the prelude
+    loop_input = corrupted_cache[f"blocks.{model.cfg.n_prelude}.hook_resid_pre"]  # recomputed by a prelude patch
     out = torch.empty(len(cells), B, device=device)
     bar = progress_bar(len(cells), progress and len(cells) > per_pass, f"patching {suffix}")
     try:
@@ -450,8 +451,8 @@ def _sweep(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, 
                 hook = _patch_hook(c, B, torch.arange(c, device=device), pos[idx], head[idx], clean_acts[name],
                                    by_position, suffix == "attn.hook_z")
                 with model.hooks(fwd_hooks=[(name, hook)]):
-                    logits = _run_from(model, v, start_state.repeat(c, 1, 1), injected.repeat(c, 1, 1), T,
-                                       readout.repeat(c))
+                    logits = _run_from(model, v, start_state.repeat(c, 1, 1), loop_input.repeat(c, 1, 1),
+                                       corrupted.repeat(c, 1), T)
                 out[idx] = metric_fn(logits, clean_ans.repeat(c), corrupted_ans.repeat(c)).float().view(c, B)
                 bar.update(c)
     finally:
@@ -460,35 +461,17 @@ def _sweep(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, 
 
 
 def _run_from(model: LoopedTransformer, v: int, state: Float[Tensor, "batch pos d_model"],
-              injected: Float[Tensor, "batch pos d_model"], T: int, readout: Int[Tensor, " batch"]
+              loop_input: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"], T: int
               ) -> Float[Tensor, "batch d_vocab"]:
-    """Readout logits of a run of T iterations resumed at virtual layer v from its resid_pre ``state``.
-
-    Follows LoopedTransformer.forward: prelude blocks, then per iteration t (input injection before block
-    0 when t >= 1, which is upstream of block 0's resid_pre), core blocks, loop.{t}.hook_state, then the coda
-    and the readout. Tested equal to full forward passes (and to transformer_lens.patching) for looped,
-    vanilla, injected and prelude/coda models.
+    """Readout logits of a run of T iterations resumed at virtual layer v from its resid_pre ``state``: the
+    loop driver's ``start_layer`` (prelude or loop), or the readout's (coda). Tested equal to full forward
+    passes (and to transformer_lens.patching) for looped, vanilla, injected and prelude/coda models.
     """
-    cfg = model.cfg
-    P, L = cfg.n_prelude, cfg.n_blocks
-    loop_end = P + T * L
-    if v < P:
-        for w in range(v, P):
-            state = model.blocks[w](state)
-        injected = state  # the (patched) prelude output is the loop's input
-        v = P
-    if v < loop_end:
-        t, l = divmod(v - P, L)
-        for w in range(v, P + (t + 1) * L):
-            state = model.blocks[w](state)
-        state = model.loop[t].hook_state(state)
-        for t2 in range(t + 1, T):
-            state = model.iterate(state, t2, injected)
-        return final_state_logits(model, state, readout, T)
-    for w in range(v, loop_end + cfg.n_coda):  # resumed inside the coda
-        state = model.blocks[w](state)
-    rows = torch.arange(state.shape[0], device=state.device)
-    return model.unembed(model.ln_final(state[rows, readout][:, None]))[:, 0]
+    if v >= model.cfg.n_prelude + T * model.cfg.n_blocks:  # resumed inside the coda
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return model.readout(state, T, start_layer=v)[rows, model.readout_positions(tokens)]
+    (last,) = collections.deque(model.steps(tokens, T, start_layer=v, state=state, loop_input=loop_input), maxlen=1)
+    return last.answer_logits()
 
 
 def _patch_frame(short: str, cells: pd.DataFrame, patched: Tensor, clean_metric: Tensor, corrupted_metric: Tensor,

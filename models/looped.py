@@ -20,7 +20,7 @@ import collections
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,34 @@ class AdaptiveOutput:
     halted: Tensor  # bool [batch]: the rule fired (False: ran to max_iterations)
 
 
+@dataclass(eq=False)
+class LoopStep:
+    """One iteration of :meth:`LoopedTransformer.steps`: where the loop is, and a lazy readout from there."""
+
+    iteration: int  # 0-based
+    n_iterations: int  # the run's length T; the coda (if any) sits after iteration T - 1
+    state: Float[Tensor, "batch pos d_model"]  # after this iteration (the output of loop.{t}.hook_state)
+    loop_input: Float[Tensor, "batch pos d_model"] | None  # embed + prelude, re-injected by cfg.input_injection
+    positions: Int[Tensor, " batch"]  # each query's readout position
+    model: LoopedTransformer = field(repr=False)
+
+    @property
+    def is_last(self) -> bool:
+        return self.iteration == self.n_iterations - 1
+
+    def readout(self) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits at every position if the run stopped here: coda, final LayerNorm, unembedding."""
+        return self.model.readout(self.state, self.n_iterations)
+
+    def answer_logits(self) -> Float[Tensor, "batch d_vocab"]:
+        """Logits at each query's readout position if the run stopped here (``predict`` after t + 1
+        iterations). Without a coda only those positions are decoded: LN and unembedding act per position."""
+        rows = torch.arange(self.state.shape[0], device=self.state.device)
+        if self.model.cfg.n_coda:  # the coda's attention needs every position
+            return self.readout()[rows, self.positions]
+        return self.model.readout(self.state[rows, self.positions][:, None], self.n_iterations)[:, 0]
+
+
 class LoopedTransformer(HookedRootModule):
     """A weight-shared transformer looped ``n_iterations`` times, with a hook name per iteration.
 
@@ -190,15 +218,14 @@ class LoopedTransformer(HookedRootModule):
         while len(self.loop) < n_iterations:
             self.loop.append(like_the_model(IterationHooks(feedback=self.cfg.feedback > 0 and len(self.loop) > 0)))
         self.setup()
-        # Bind eagerly, so step-level callers (embed_tokens -> prelude) never see placeholder weights.
+        # Bind eagerly, so attribute reads (model.blocks[v].attn.W_Q) never see placeholder weights.
         self._bound_iterations = None
         self._bind(previous if previous is not None else self.cfg.n_iterations)
 
     def prepare(self, n_iterations: int) -> None:
-        """Create and bind the virtual layers of a run of ``n_iterations``.
-
-        forward() does this itself; call it before driving the loop step by step
-        (embed_tokens -> iterate -> readout) for a run of that length.
+        """Create the virtual layers of a run of ``n_iterations`` and bind them for attribute reads
+        (``model.blocks[v].attn.W_Q``). Running needs no preparation: :meth:`steps`, and the step-level
+        embed_tokens / iterate / readout, create and bind the layers they run.
         """
         self._grow(self._check_iterations(n_iterations))
         self._bind(n_iterations)
@@ -228,20 +255,28 @@ class LoopedTransformer(HookedRootModule):
         """
         if self._bound_iterations == n_iterations:
             return
-        cfg = self.cfg
-        n_loop = n_iterations * cfg.n_blocks
         for v, block in enumerate(self.blocks):
-            i = v - cfg.n_prelude
-            if i < 0:
-                params = self.prelude[v]
-            elif i < n_loop:
-                params = self.core[i % cfg.n_blocks]
-            elif i - n_loop < cfg.n_coda:
-                params = self.coda[i - n_loop]
-            else:  # beyond this run: keep a valid binding (core) so attribute reads still work
-                params = self.core[i % cfg.n_blocks]
-            block.bind(params)
+            block.bind(self._weights_of(v, n_iterations))
         self._bound_iterations = n_iterations
+
+    def _weights_of(self, layer: int, n_iterations: int) -> BlockParams:
+        """The physical block that virtual ``layer`` computes with in a run of ``n_iterations``."""
+        cfg = self.cfg
+        i, n_loop = layer - cfg.n_prelude, n_iterations * cfg.n_blocks
+        if i < 0:
+            return self.prelude[layer]
+        if n_loop <= i < n_loop + cfg.n_coda:
+            return self.coda[i - n_loop]
+        return self.core[i % cfg.n_blocks]  # in the loop, or beyond this run (a valid binding for reads)
+
+    def _block(self, layer: int, params: BlockParams) -> TransformerBlock:
+        """Virtual ``layer``'s module, computing with ``params``. Each step binds the layers it runs, so
+        a coda bound for a shorter run can never stand in for a core block (and vice versa)."""
+        block = self.blocks[layer]
+        if block.params is not params:
+            block.bind(params)
+            self._bound_iterations = None  # the whole-run binding no longer holds
+        return block
 
     # ------------------------------------------------------------------------------------------------
     # Names
@@ -353,31 +388,33 @@ class LoopedTransformer(HookedRootModule):
             resid = resid + self.hook_pos_embed(self.pos_embed(tokens))
         resid = self.embed_dropout(resid)
         for v in range(self.cfg.n_prelude):
-            resid = self.blocks[v](resid)
+            resid = self._block(v, self.prelude[v])(resid)
         return resid
 
     def iterate(
-        self, state: Float[Tensor, "batch pos d_model"], iteration: int, injected: Tensor | None = None
+        self, state: Float[Tensor, "batch pos d_model"], iteration: int, injected: Tensor | None = None,
+        *, from_block: int | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """One iteration of the loop: (input injection for t >= 1) then core blocks 0..L-1.
+        """One iteration of the loop: (input injection and readout feedback for t >= 1) then core blocks
+        0..L-1, then ``loop.{t}.hook_state``.
 
         ``injected`` is the loop's initial state (embed_tokens output), re-injected when
-        ``cfg.input_injection`` is "add" or "concat".
+        ``cfg.input_injection`` is "add" or "concat". ``from_block=l`` resumes the iteration at core
+        block l with ``state`` its resid_pre (injection and feedback, upstream of block 0, are skipped).
         """
         cfg = self.cfg
         self._grow(iteration + 1)
-        if iteration > 0 and cfg.input_injection != "none":
+        if from_block is None and iteration > 0 and cfg.input_injection != "none":
             if injected is None:
                 raise ValueError("input injection is on: pass the embedded input as `injected`")
             if cfg.input_injection == "add":
                 state = state + injected
             else:
                 state = torch.cat([state, injected], dim=-1) @ self.W_inject
-        if iteration > 0 and cfg.feedback:
+        if from_block is None and iteration > 0 and cfg.feedback:
             state = state + self.loop[iteration].hook_feedback(self.feedback_vector(state))
-        first = cfg.n_prelude + iteration * cfg.n_blocks
-        for v in range(first, first + cfg.n_blocks):
-            state = self.blocks[v](state)
+        for l in range(from_block or 0, cfg.n_blocks):
+            state = self._block(self.virtual_layer(iteration, l), self.core[l])(state)
         return self.loop[iteration].hook_state(state)
 
     def feedback_vector(self, state: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
@@ -389,11 +426,22 @@ class LoopedTransformer(HookedRootModule):
         probs = (normed @ self.unembed.W_U + self.unembed.b_U).float().softmax(-1)
         return self.cfg.feedback * (probs.to(state.dtype) @ self.W_E)
 
-    def readout(self, state: Float[Tensor, "batch pos d_model"], n_iterations: int) -> Float[Tensor, "batch pos d_vocab"]:
-        """Coda blocks, final LayerNorm and unembedding."""
+    def readout(
+        self, state: Float[Tensor, "batch pos d_model"], n_iterations: int, *, start_layer: int | None = None
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Coda blocks, final LayerNorm and unembedding of a run of ``n_iterations``.
+
+        ``start_layer``: resume inside the coda at that virtual layer, ``state`` being its resid_pre.
+        """
         first = self.cfg.n_prelude + n_iterations * self.cfg.n_blocks
-        for v in range(first, first + self.cfg.n_coda):
-            state = self.blocks[v](state)
+        stop = first + self.cfg.n_coda
+        start = first if start_layer is None else start_layer
+        if not (first <= start < stop or start == first == stop):
+            raise ValueError(f"start_layer must be a coda layer of a run of {n_iterations} iterations "
+                             f"({first}..{stop - 1}), got {start_layer}")
+        self._grow(n_iterations)
+        for v in range(start, stop):
+            state = self._block(v, self.coda[v - first])(state)
         return self.unembed(self.ln_final(state))
 
     def readout_positions(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
@@ -407,6 +455,81 @@ class LoopedTransformer(HookedRootModule):
         if bool((lengths == 0).any()):
             raise ValueError("a query consists only of padding tokens")
         return lengths - 1
+
+    # ------------------------------------------------------------------------------------------------
+    # The loop driver
+    # ------------------------------------------------------------------------------------------------
+    def steps(
+        self,
+        tokens: Tensor | str | list[str],
+        n_iterations: int | None = None,
+        *,
+        start: int = 0,
+        start_layer: int | None = None,
+        state: Float[Tensor, "batch pos d_model"] | None = None,
+        loop_input: Float[Tensor, "batch pos d_model"] | None = None,
+        backprop_last: int | None = None,
+    ) -> Iterator[LoopStep]:
+        """The one loop driver: embed, then run the loop, yielding a :class:`LoopStep` after each iteration.
+
+        ``for step in model.steps(tokens, 8): step.iteration, step.state, step.answer_logits()``.
+        forward, answer_logits_by_iteration, forward_adaptive and every interp analysis iterate with it;
+        hooks attached with ``model.hooks()`` fire exactly as in ``model(tokens)``.
+
+        Resuming (``state`` required): ``start=t`` runs iterations t..T-1 from ``state``, the state after
+        iteration t-1 (at t = 0: the loop's input); ``start_layer=v`` resumes at virtual layer v (prelude
+        or loop) from ``state``, its ``blocks.{v}.hook_resid_pre``; a coda layer resumes with
+        ``readout(state, T, start_layer=v)``. ``loop_input`` is the loop's input (embed + prelude), needed
+        to resume past it when ``cfg.input_injection`` re-injects it.
+        backprop_last: truncated backprop, gradients flow through the last k iterations only.
+        """
+        tokens = self._check_tokens(tokens)
+        T = self._check_iterations(n_iterations)
+        cfg = self.cfg
+        P = cfg.n_prelude
+        if backprop_last is not None and not (isinstance(backprop_last, int) and 1 <= backprop_last <= T):
+            raise ValueError(f"backprop_last must be in [1, n_iterations={T}], got {backprop_last}")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < T:
+            raise ValueError(f"start must be an iteration in [0, n_iterations={T}), got {start!r}")
+        if start_layer is not None:
+            n_resumable = P + T * cfg.n_blocks
+            if start:
+                raise ValueError("give start (an iteration) or start_layer (a virtual layer), not both")
+            if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n_resumable:
+                raise ValueError(f"start_layer must be a prelude or loop layer in [0, {n_resumable}) for "
+                                 f"{T} iterations, got {start_layer!r} (coda layers: readout(..., start_layer=v))")
+        resuming = start > 0 or start_layer is not None
+        if resuming and state is None:
+            raise ValueError("resuming (start / start_layer) needs `state`, the activation to resume from")
+        if state is not None and (state.ndim != 3 or tuple(state.shape) != (*tokens.shape, cfg.d_model)):
+            raise ValueError(f"state must have shape [batch, pos, d_model]={(*tokens.shape, cfg.d_model)}, "
+                             f"got {tuple(state.shape)}")
+        past_input = start > 0 or (start_layer is not None and start_layer > P)
+        if past_input and loop_input is None and cfg.input_injection != "none":
+            raise ValueError(f"input_injection={cfg.input_injection!r} re-injects the loop's input: pass "
+                             "loop_input to resume past it")
+        self._grow(T)
+        return self._steps(tokens, T, start, start_layer, state, loop_input, backprop_last)
+
+    def _steps(self, tokens: Tensor, T: int, start: int, start_layer: int | None, state: Tensor | None,
+               loop_input: Tensor | None, backprop_last: int | None) -> Iterator[LoopStep]:
+        P, L = self.cfg.n_prelude, self.cfg.n_blocks
+        from_block = None  # a whole first iteration; l: resumed at core block l's resid_pre
+        if start_layer is not None and start_layer < P:  # resumed in the prelude: its output is the loop's input
+            for v in range(start_layer, P):
+                state = self._block(v, self.prelude[v])(state)
+        elif start_layer is not None:
+            start, from_block = divmod(start_layer - P, L)
+        elif state is None:
+            state = self.embed_tokens(tokens)
+        if start == 0 and not from_block and loop_input is None:
+            loop_input = state
+        positions = self.readout_positions(tokens)
+        for t in range(start, T):
+            if backprop_last is not None and t == T - backprop_last:
+                state = state.detach()
+            state = self.iterate(state, t, loop_input, from_block=from_block if t == start else None)
+            yield LoopStep(t, T, state, loop_input, positions, self)
 
     # ------------------------------------------------------------------------------------------------
     # Forward
@@ -426,19 +549,18 @@ class LoopedTransformer(HookedRootModule):
         each query's readout position (the paper's answer-only loss); "both" -> (logits, loss); None.
         backprop_last: truncated backprop, gradients flow through the last k iterations only.
         """
-        tokens = self._check_tokens(tokens)
-        T = self._check_iterations(n_iterations)
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if return_type in ("loss", "both") and targets is None:
             raise ValueError("return_type='loss' needs `targets` (answer token ids, one per query)")
-        (state,) = collections.deque(self._loop_states(tokens, T, backprop_last), maxlen=1)  # the last state only
+        # embed, then for t in range(T): iterate (the loop driver); only the last step is kept
+        (step,) = collections.deque(self.steps(tokens, n_iterations, backprop_last=backprop_last), maxlen=1)
         if return_type is None:
             return None
-        logits = self.readout(state, T)
+        logits = step.readout()
         if return_type == "logits":
             return logits
-        loss = self.answer_loss(logits, tokens, targets, label_smoothing)
+        loss = self.answer_loss(logits, step.positions, targets, label_smoothing)
         return loss if return_type == "loss" else (logits, loss)
 
     def answer_logits_by_iteration(
@@ -453,40 +575,16 @@ class LoopedTransformer(HookedRootModule):
         Differentiable (the trainer's ``recurrence.supervise = "from_hops"`` loss uses it); for analysis,
         wrap it in ``torch.no_grad()``. ``out[-1]`` equals ``predict(tokens, n_iterations)``.
         """
-        tokens = self._check_tokens(tokens)
-        T = self._check_iterations(n_iterations)
-        batch = torch.arange(tokens.shape[0], device=tokens.device)
-        pos = self.readout_positions(tokens)
-        out = []
-        for state in self._loop_states(tokens, T, backprop_last):
-            if self.cfg.n_coda:  # the coda's attention needs every position
-                out.append(self.readout(state, T)[batch, pos])
-            else:  # readout at the answer position only (final LN and unembedding are per position)
-                out.append(self.readout(state[batch, pos][:, None], T)[:, 0])
-        return torch.stack(out)
+        steps = self.steps(tokens, n_iterations, backprop_last=backprop_last)
+        return torch.stack([step.answer_logits() for step in steps])
 
-    def _loop_states(self, tokens: Tensor, T: int, backprop_last: int | None = None) -> Iterator[Tensor]:
-        """Embed, then run the loop T times, yielding the state after each iteration (truncated backprop:
-        gradients flow through the last ``backprop_last`` iterations only). The one loop driver of
-        forward() and answer_logits_by_iteration()."""
-        if backprop_last is not None and not 1 <= backprop_last <= T:
-            raise ValueError(f"backprop_last must be in [1, n_iterations={T}], got {backprop_last}")
-        self._grow(T)
-        self._bind(T)
-        state = self.embed_tokens(tokens)
-        injected = state
-        for t in range(T):
-            if backprop_last is not None and t == T - backprop_last:
-                state = state.detach()
-            state = self.iterate(state, t, injected)
-            yield state
-
-    def answer_loss(self, logits: Tensor, tokens: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    def answer_loss(self, logits: Float[Tensor, "batch pos d_vocab"], positions: Int[Tensor, " batch"],
+                    targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Cross-entropy of ``targets`` at each query's readout position (``readout_positions``)."""
         targets = torch.as_tensor(targets, device=logits.device, dtype=torch.long)
-        if targets.shape != (tokens.shape[0],):
-            raise ValueError(f"targets must have shape [batch]={tokens.shape[0]}, got {tuple(targets.shape)}")
-        pos = self.readout_positions(tokens)
-        answer_logits = logits[torch.arange(tokens.shape[0], device=logits.device), pos]
+        if targets.shape != positions.shape:
+            raise ValueError(f"targets must have shape [batch]={positions.shape[0]}, got {tuple(targets.shape)}")
+        answer_logits = logits[torch.arange(positions.shape[0], device=logits.device), positions]
         return F.cross_entropy(answer_logits.float(), targets, label_smoothing=label_smoothing)
 
     @torch.no_grad()
@@ -499,29 +597,24 @@ class LoopedTransformer(HookedRootModule):
     @torch.no_grad()
     def forward_adaptive(self, tokens: Tensor | str | list[str], rule: Any, max_iterations: int = 16) -> AdaptiveOutput:
         """Per-sample adaptive depth: after each iteration the ``rule`` (see models.halting) decides,
-        per sample, whether its readout distribution has settled. Halted samples are frozen (their
-        state and logits no longer change); the rest keep iterating until ``max_iterations``.
-        Batched: one forward per iteration for the whole batch, no per-sample loop.
+        per sample, whether its readout distribution has settled. A halted sample's answer is frozen (its
+        logits no longer change); the batch keeps iterating until every sample halted or ``max_iterations``.
+        Batched: one forward per iteration for the whole batch, no per-sample loop. (Samples never
+        interact, so a halted sample iterating on changes no other sample's numbers.)
         """
         tokens = self._check_tokens(tokens)
         T = self._check_iterations(max_iterations)
-        self._grow(T)
-        self._bind(T)
-        batch = torch.arange(tokens.shape[0], device=tokens.device)
-        pos = self.readout_positions(tokens)
-        state = self.embed_tokens(tokens)
-        injected = state
         active = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        iterations = torch.full_like(pos, T)
+        iterations = torch.full((tokens.shape[0],), T, dtype=torch.long, device=tokens.device)
         final_logits = prev_logprobs = prev_readout_state = None
-        for t in range(T):
-            new_state = self.iterate(state, t, injected)
-            state = torch.where(active[:, None, None], new_state, state)
-            logits = self.readout(state, T)[batch, pos].float()
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        for step in self.steps(tokens, T):
+            logits = step.readout()[rows, step.positions].float()
             logprobs = logits.log_softmax(-1)
-            readout_state = state[batch, pos]
+            readout_state = step.state[rows, step.positions]
             final_logits = logits if final_logits is None else torch.where(active[:, None], logits, final_logits)
             if prev_logprobs is not None:
+                t = step.iteration
                 stop = rule(
                     iteration=t + 1, logprobs=logprobs, prev_logprobs=prev_logprobs,
                     state=readout_state, prev_state=prev_readout_state,

@@ -87,8 +87,6 @@ def test_spectral_radius_matches_the_full_jacobian_of_a_random_model():
     # brute force: the 64 x 64 Jacobian of one more iteration at the state after T iterations
     _, cache = model.run_with_cache(tokens, n_iterations=T)
     state = cache[f"loop.{T - 1}.hook_state"]
-    model._grow(T + 1)
-    model._bind(T + 1)
     J = torch.autograd.functional.jacobian(lambda h: model.iterate(h.view(1, 4, 16), T).reshape(-1),
                                            state.reshape(-1))
     rho = float(torch.linalg.eigvals(J).abs().max())
