@@ -1,8 +1,11 @@
-"""The report: one self-contained HTML page, every figure as its own page, tables as CSV, a claims summary.
+"""The report: one HTML page over every study, each figure also as its own page, tables as CSV, a claims
+summary. The folder is self-contained and opens offline, with plotly's JavaScript in it exactly once:
 
-    OUT/index.html            opens offline: plotly's JavaScript is embedded once, in the page head
+    OUT/index.html            claims, runs, every study's notes, figures (divs) and tables; loads
+                              figures/plotly.min.js
     OUT/summary.md            per claim (PAPER.md 1-6): paper, ours, run, verdict; then each verdict rule
-    OUT/figures/*.html        one page per figure; they load OUT/figures/plotly.min.js (written once)
+    OUT/figures/plotly.min.js plotly.js (~4.8 MB), the report's only copy: index.html and every page load it
+    OUT/figures/*.html        one page per figure
     OUT/figures/*.png         only with png=True (headless Chromium screenshots of those pages)
     OUT/tables/*.csv          every study table
     OUT/studies/NAME/         the study results themselves (``looplens report`` only; reproduce keeps
@@ -23,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from looplens.analyses.claims import RULES, ClaimResult, judge_claims
+from looplens.analyses.claims import RULES, ClaimResult, claims_table, judge_claims, run_configs
 from looplens.analyses.studies.base import StudyOptions, StudyResult, as_runs, runs_table, write_figure_html
 from looplens.data.provenance import atomic_write_text, provenance
 
-VERDICT_COLORS = {"reproduced": "#1a7f37", "partly": "#9a6700", "not reproduced": "#cf222e", "not measured": "#6e7781"}
+PLOTLY_JS = "figures/plotly.min.js"  # relative to the report folder
+VERDICT_COLORS = {"reproduced": "#1a7f37", "reproduced with modifications": "#4d8f2a", "partly": "#9a6700",
+                  "not reproduced": "#cf222e", "not testable on these runs": "#6e7781", "not measured": "#6e7781"}
 MAX_TABLE_ROWS = 40
 RUN_COLUMNS = ("run", "task", "world", "kind", "recurrence", "R", "n_blocks", "virtual_layers", "d_model",
                "n_parameters", "final_step", "stop_reason", "learnable_depth", "train_seconds")
@@ -70,7 +75,8 @@ def _short(v: Any) -> Any:
 
 def claims_frame(claims: Sequence[ClaimResult]) -> pd.DataFrame:
     return pd.DataFrame([{"claim": c.claim, "title": c.title, "paper": c.paper, "ours": c.ours,
-                          "run(s)": ", ".join(c.runs), "verdict": c.verdict} for c in claims])
+                          "run(s)": ", ".join(c.runs), "differences from the paper": " | ".join(c.differences),
+                          "verdict": c.verdict} for c in claims])
 
 
 def summary_markdown(claims: Sequence[ClaimResult], results: Sequence[StudyResult], title: str, intro: str = "") -> str:
@@ -103,18 +109,23 @@ def _claims_html(claims: Sequence[ClaimResult]) -> str:
     for c in claims:
         color = VERDICT_COLORS.get(c.verdict, "#6e7781")
         rows.append(f"<tr><td>{c.claim}</td><td>{_esc(c.title)}</td><td>{_esc(c.paper)}</td><td>{_esc(c.ours)}</td>"
-                    f"<td>{_esc(', '.join(c.runs))}</td><td><span class='verdict' style='background:{color}'>"
+                    f"<td>{_esc(', '.join(c.runs))}</td><td>{'<br>'.join(_esc(d) for d in c.differences)}</td>"
+                    f"<td><span class='verdict' style='background:{color}'>"
                     f"{_esc(c.verdict)}</span></td></tr>")
     rules = "".join(f"<li>{_esc(RULES[n])}</li>" for n in sorted(RULES))
-    return ("<table><tr><th>#</th><th>claim</th><th>paper</th><th>ours</th><th>run(s)</th><th>verdict</th></tr>"
+    return ("<table><tr><th>#</th><th>claim</th><th>paper</th><th>ours</th><th>run(s)</th>"
+            "<th>differences from the paper</th><th>verdict</th></tr>"
             + "".join(rows) + "</table><details><summary>verdict rules (analyses/claims.py)</summary><ol>" + rules
             + "</ol></details>")
 
 
 def build_report(results: Sequence[StudyResult], out_dir: str | os.PathLike, *, title: str = "looplens report",
                  intro: str = "", runs: pd.DataFrame | None = None, claims: Sequence[ClaimResult] | None = None,
-                 png: bool = False) -> Path:
+                 png: bool = False, configs: Any = None) -> Path:
     """Write index.html, summary.md, figures/ and tables/ for ``results`` into ``out_dir``.
+
+    ``configs`` (``{run name: TrainConfig}``) let each claim row list the runs' differences from the paper
+    (:func:`analyses.claims.run_differences`); tables/claims.csv holds claim, verdict, runs, differences.
 
     ``claims`` default to :func:`analyses.claims.judge_claims` over the results' findings. ``png`` also
     screenshots every figure page with headless Chromium (ValueError when no Chromium is installed).
@@ -125,8 +136,11 @@ def build_report(results: Sequence[StudyResult], out_dir: str | os.PathLike, *, 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
+    # Written every time (a newer plotly replaces the file), before the figure pages that share it.
+    atomic_write_text(out / PLOTLY_JS, get_plotlyjs())
     if claims is None:
-        claims = judge_claims({r.study: r.findings for r in results})
+        claims = judge_claims({r.study: r.findings for r in results}, configs)
+    atomic_write_text(out / "tables" / "claims.csv", claims_table(claims).to_csv(index=False))
     nav = " ".join(f"<a href='#{_esc(r.study)}'>{_esc(r.study)}</a>" for r in results)
     body = [f"<h1>{_esc(title)}</h1>"]
     if intro:
@@ -156,7 +170,7 @@ def build_report(results: Sequence[StudyResult], out_dir: str | os.PathLike, *, 
     body.append(f"<p class='note'>looplens {_esc(prov['looplens_version'])}, git {_esc(prov['git_sha'])}, torch "
                 f"{_esc(prov['torch_version'])}. Verdicts: analyses/claims.py. Summary: summary.md.</p>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + _esc(title) + "</title><style>" + _CSS
-            + "</style><script type='text/javascript'>" + get_plotlyjs() + "</script></head><body>"
+            + f"</style><script type='text/javascript' src='{PLOTLY_JS}'></script></head><body>"
             + "\n".join(body) + "</body></html>\n")
     atomic_write_text(out / "index.html", page)
     atomic_write_text(out / "summary.md", summary_markdown(claims, results, title, intro))
@@ -224,4 +238,4 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     if skipped:
         intro += "\n\nStudies not applicable to these runs: " + "; ".join(skipped) + "."
     return build_report(results, out, title=title or f"looplens report: {', '.join(r.name for r in runs)}",
-                        intro=intro, runs=runs_table(runs), png=png)
+                        intro=intro, runs=runs_table(runs), png=png, configs=run_configs(runs))

@@ -318,13 +318,15 @@ def _report_stage(plan: Plan, out: Path, ledger: Ledger) -> dict[str, Any]:
     from looplens.analyses.studies.base import StudyResult, as_runs, runs_table
 
     results = [StudyResult.load(out / "studies" / s) for s, _ in plan.studies]
-    runs = runs_table(as_runs([out / "runs" / r.name for r in plan.runs]))
+    opened = as_runs([out / "runs" / r.name for r in plan.runs])
+    runs = runs_table(opened)
     runs.insert(1, "role", [r.role for r in plan.runs])
     runs["train_seconds"] = [ledger.stages.get(f"train:{r.name}", {}).get("seconds") for r in plan.runs]
     intro = (f"Reproduction preset '{plan.name}' (looplens reproduce). {plan.description}\n\nBudget: {plan.budget}. "
              "Each run's preset and overrides are in OUT/ledger.json; runs are in OUT/runs, study results in "
              "OUT/studies.")
-    build_report(results, out / "report", title=f"looplens reproduce: preset {plan.name}", intro=intro, runs=runs)
+    build_report(results, out / "report", title=f"looplens reproduce: preset {plan.name}", intro=intro, runs=runs,
+                 configs={r.name: r.config for r in opened})
     return {}
 
 
@@ -339,7 +341,7 @@ def reproduce(plan: Plan | str, out: str | os.PathLike, *, progress: bool = True
     """
     import torch
     from looplens.analyses.claims import judge_claims
-    from looplens.analyses.studies.base import load_findings
+    from looplens.analyses.studies.base import as_runs, load_findings
 
     plan = plan_for(plan) if isinstance(plan, str) else plan
     out = Path(out)
@@ -390,6 +392,7 @@ def reproduce(plan: Plan | str, out: str | os.PathLike, *, progress: bool = True
         if threads:
             torch.set_num_threads(old_threads)
     findings = {s: load_findings(out / "studies" / s) for s, _ in plan.studies}
-    verdicts = {c.claim: c.verdict for c in judge_claims(findings)}
+    configs = {r.name: as_runs([out / "runs" / r.name])[0].config for r in plan.runs}
+    verdicts = {c.claim: c.verdict for c in judge_claims(findings, configs)}
     return ReproduceResult(out, out / "report" / "index.html", out / "report" / "summary.md", executed, skipped,
                            time.monotonic() - t_all, verdicts)

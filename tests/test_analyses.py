@@ -142,8 +142,8 @@ def test_report_cli_single_run(runs, capsys):
     index = run / "report" / "index.html"
     assert str(index) in capsys.readouterr().out
     text = index.read_text()
-    assert text.count("* plotly.js v") == 1  # the library embedded exactly once
-    assert not re.search(r"<script[^>]+src=", text)  # nothing loaded from elsewhere: opens offline
+    assert "* plotly.js v" not in text  # the report's one copy is figures/plotly.min.js (tests/test_report.py)
+    assert re.findall(r"<script[^>]+src='([^']+)'", text) == ["figures/plotly.min.js"]  # nothing from elsewhere
     summary = (run / "report" / "summary.md").read_text()
     assert "Studies not applicable to these runs: depth" in summary or "depth:" in text
     for study in ("systematic", "grokking", "overthinking", "halting", "mechanism", "shortcut"):
@@ -215,12 +215,13 @@ def _halting(best, halt_acc, halt_it) -> dict:
                       "kl_entropy_mean_iterations": halt_it}]}
 
 
-def _mechanism(acc, bridge, bridge_depth, answer_depth, first, last) -> dict:
+def _mechanism(acc, bridge, bridge_depth, answer_depth, first, last, positions=(0, 1, 2, 2)) -> dict:
     split = {"accuracy": acc, "bridge_resolved": bridge, "answer_resolved": 0.9, "bridge_depth": bridge_depth,
              "answer_depth": answer_depth, "bridge_iteration": 1.0, "answer_iteration": 3.0}
     return {"primary_split": "test_inferred_id", "runs": [
         {"run": "comp-r4", "kind": "looped", "R": 4, "virtual_layers": 16, "splits": {"test_inferred_id": split},
-         "patching": {}, "fixed_point": {"iterations": 32, "change_first": first, "change_last": last}},
+         "patching": {"head": {"best_position_by_iteration": list(positions), "readout_position": 2}},
+         "fixed_point": {"iterations": 32, "change_first": first, "change_last": last}},
         {"run": "comp-v8", "kind": "vanilla", "R": 1, "virtual_layers": 8, "splits": {"test_inferred_id": split},
          "patching": {}},
     ]}
@@ -234,7 +235,7 @@ PARTLY = {"systematic": _systematic(0.3, 0.05), "grokking": _grokking((1000, 500
           "halting": _halting(0.9, 0.7, 7.0), "mechanism": _mechanism(0.95, 0.9, 0.3, 0.8, 0.5, 0.4)}
 BAD = {"systematic": _systematic(0.02, 0.0), "grokking": _grokking((1000, None, None)),
        "depth": _depth(0, 10, 9), "overthinking": _overthinking(9.0, 9.0, 0.99, 0.99),
-       "halting": _halting(0.9, 0.7, 31.0), "mechanism": _mechanism(0.95, 0.1, 0.9, 0.8, 0.5, 0.4)}
+       "halting": _halting(0.9, 0.7, 31.0), "mechanism": _mechanism(0.95, 0.1, 0.9, 0.8, 0.5, 0.4, ())}
 
 
 @pytest.mark.parametrize("findings, verdict", [(GOOD, "reproduced"), (PARTLY, "partly"), (BAD, "not reproduced")])
@@ -294,7 +295,7 @@ def test_summary_verdicts_follow_the_numbers(findings, verdict, tmp_path):
     text = summary.read_text()
     for n, rule in claims.RULES.items():
         assert f"{n}. {rule}" in text
-    assert (tmp_path / "report" / "index.html").read_text().count("* plotly.js v") == 1
+    assert "src='figures/plotly.min.js'" in (tmp_path / "report" / "index.html").read_text()
 
 
 # -------------------------------------------------------------------------------------------------

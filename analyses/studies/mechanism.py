@@ -120,6 +120,9 @@ def run(runs: Sequence, options: StudyOptions) -> StudyResult:
                 "max_effect": float(eff["effect"].max()) if len(eff) else None,
                 # the position whose last-layer patch restores most: where the answer is carried at the end
                 "last_layer_best_position": int(late.loc[late["effect"].idxmax(), "position"]) if len(late) else None,
+                # claim 6: where the effect sits at the start of each iteration (resid_pre of its first block)
+                "best_position_by_iteration": _best_by_iteration(eff),
+                "readout_position": int(eff["position"].max()) if len(eff) else None,
             }
 
         if info["kind"] == "looped":
@@ -159,3 +162,12 @@ def run(runs: Sequence, options: StudyOptions) -> StudyResult:
         tables["fixed_points"] = pd.concat(fp_rows, ignore_index=True)
     return StudyResult(NAME, TITLE, [r.name for r in runs], tables, figures,
                        {"runs": found, "primary_split": PRIMARY_SPLIT}, notes, options.to_dict())
+
+
+def _best_by_iteration(effects: pd.DataFrame) -> list[int]:
+    """Per loop iteration, the position whose resid_pre patch (first block of the iteration) restores most."""
+    first = effects[(effects["stage"] == "loop") & (effects["block"] == 0)]
+    if not len(first):
+        return []
+    best = first.loc[first.groupby("iteration")["effect"].idxmax()].sort_values("iteration")
+    return [int(p) for p in best["position"]]
