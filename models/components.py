@@ -17,7 +17,7 @@ from __future__ import annotations
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from looplens.models.config import LoopedConfig
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -241,3 +241,62 @@ def init_block_params(params: BlockParams, cfg: LoopedConfig, generator: torch.G
         with torch.no_grad():
             params.attn.W_O.zero_()
             params.mlp.W_out.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedding, unembedding and per-iteration hooks (one each; the unembedding reads the embedding)
+# ---------------------------------------------------------------------------------------------------
+class Embed(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_E[tokens]
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        # Broadcast to [batch, pos, d_model]: ActivationCache.decompose_resid stacks it with hook_embed.
+        return einops.repeat(self.W_pos[: tokens.shape[1]], "pos d_model -> batch pos d_model", batch=tokens.shape[0])
+
+
+class Unembed(nn.Module):
+    """W_U [d_model, d_vocab], tied to W_E^T when ``cfg.tie_embeddings`` (the paper's setting)."""
+
+    def __init__(self, cfg: LoopedConfig, embed: Embed):
+        super().__init__()
+        if cfg.tie_embeddings:
+            object.__setattr__(self, "_embed", embed)  # a reference, not a second copy of W_E
+        else:
+            self.W_U_untied = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        # Without a bias (cfg.unembed_bias False, the paper's lm_head) b_U is a zero buffer, so readers of
+        # model.b_U (TransformerLens's cache helpers, the lens) need no special case.
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        else:
+            self.register_buffer("b_U", torch.zeros(cfg.d_vocab), persistent=False)
+        self.hook_in = HookPoint()  # [batch, pos, d_model] (TransformerLens 3.9 names)
+        self.hook_out = HookPoint()  # [batch, pos, d_vocab]
+
+    @property
+    def W_U(self) -> Tensor:
+        embed = self.__dict__.get("_embed")
+        return embed.W_E.T if embed is not None else self.W_U_untied
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.hook_out(self.hook_in(x) @ self.W_U + self.b_U)
+
+
+class IterationHooks(nn.Module):
+    """Per-iteration hook points that belong to no single block."""
+
+    def __init__(self, feedback: bool = False):
+        super().__init__()
+        self.hook_state = HookPoint()  # [batch, pos, d_model], the state after the iteration
+        if feedback:  # iterations t >= 1 of models with readout feedback only
+            self.hook_feedback = HookPoint()  # [batch, pos, d_model], added to the state before iteration t

@@ -1,4 +1,4 @@
-"""The looped (recurrent-depth, weight-shared) transformer, drivable like a TransformerLens model.
+"""The looped (recurrent-depth, weight-shared) transformer.
 
 Architecture (the paper's section 5/6 model when prelude and coda are empty)::
 
@@ -6,99 +6,37 @@ Architecture (the paper's section 5/6 model when prelude and coda are empty)::
            -> for t in range(n_iterations): [inject input] -> core blocks 0..L-1     <- shared weights
            -> coda blocks -> ln_final -> unembed (tied to the embedding)
 
-Hook names are those of the unrolled network: iteration t of core block l is *virtual layer*
-``v = n_prelude + t * L + l`` and fires ``blocks.{v}.hook_resid_pre`` etc., so ActivationCache,
-``transformer_lens.patching`` and ``utils.get_act_name`` work unchanged. ``loop.{t}.blocks.{l}.<hook>``
-is an alias of the same hook point and ``loop.{t}.hook_state`` fires after each iteration.
-``cfg.n_layers`` is the virtual depth at the default iteration count; ``with model.iterations(T):``
-changes the default (and so ``cfg.n_layers``) for code, like TL's patching, that calls the model itself.
+The loop runs in one place, :meth:`LoopedTransformer.steps` (the loop driver); forward and every analysis
+iterate with it. The parts are in models/components.py; the TransformerLens plumbing (a hook name per
+iteration, aliases, run_with_cache, ...) in models/hooked.py.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from looplens.models.components import (
     BlockParams,
+    Embed,
     LayerNorm,
     LayerNormParams,
-    TransformerBlock,
+    PosEmbed,
+    Unembed,
     init_block_params,
 )
 from looplens.models.config import LoopedConfig
+from looplens.models.hooked import HookedLoopedModel, LoopedActivationCache, ModelAtIterations
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_LOOP_NAME = re.compile(r"^loop\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_LOOP_ANY = re.compile(r"^loop\.(\d+)\.")
-
-
-class Embed(nn.Module):
-    def __init__(self, cfg: LoopedConfig):
-        super().__init__()
-        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.W_E[tokens]
-
-
-class PosEmbed(nn.Module):
-    def __init__(self, cfg: LoopedConfig):
-        super().__init__()
-        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
-
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        # Broadcast to [batch, pos, d_model]: ActivationCache.decompose_resid stacks it with hook_embed.
-        return einops.repeat(self.W_pos[: tokens.shape[1]], "pos d_model -> batch pos d_model", batch=tokens.shape[0])
-
-
-class Unembed(nn.Module):
-    """W_U [d_model, d_vocab], tied to W_E^T when ``cfg.tie_embeddings`` (the paper's setting)."""
-
-    def __init__(self, cfg: LoopedConfig, embed: Embed):
-        super().__init__()
-        if cfg.tie_embeddings:
-            object.__setattr__(self, "_embed", embed)  # a reference, not a second copy of W_E
-        else:
-            self.W_U_untied = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
-        # Without a bias (cfg.unembed_bias False, the paper's lm_head) b_U is a zero buffer, so readers of
-        # model.b_U (TransformerLens's cache helpers, the lens) need no special case.
-        if cfg.unembed_bias:
-            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
-        else:
-            self.register_buffer("b_U", torch.zeros(cfg.d_vocab), persistent=False)
-        self.hook_in = HookPoint()  # [batch, pos, d_model] (TransformerLens 3.9 names)
-        self.hook_out = HookPoint()  # [batch, pos, d_vocab]
-
-    @property
-    def W_U(self) -> Tensor:
-        embed = self.__dict__.get("_embed")
-        return embed.W_E.T if embed is not None else self.W_U_untied
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return self.hook_out(self.hook_in(x) @ self.W_U + self.b_U)
-
-
-class IterationHooks(nn.Module):
-    """Per-iteration hook points that belong to no single block."""
-
-    def __init__(self, feedback: bool = False):
-        super().__init__()
-        self.hook_state = HookPoint()  # [batch, pos, d_model], the state after the iteration
-        if feedback:  # iterations t >= 1 of models with readout feedback only
-            self.hook_feedback = HookPoint()  # [batch, pos, d_model], added to the state before iteration t
+__all__ = ["AdaptiveOutput", "LoopStep", "LoopedActivationCache", "LoopedTransformer", "ModelAtIterations"]
 
 
 @dataclass
@@ -138,7 +76,7 @@ class LoopStep:
         return self.model.readout(self.state[rows, self.positions][:, None], self.n_iterations)[:, 0]
 
 
-class LoopedTransformer(HookedRootModule):
+class LoopedTransformer(HookedLoopedModel):
     """A weight-shared transformer looped ``n_iterations`` times, with a hook name per iteration.
 
     >>> import torch
@@ -199,184 +137,6 @@ class LoopedTransformer(HookedRootModule):
                 self.W_inject.zero_()
                 self.W_inject[: cfg.d_model].copy_(torch.eye(cfg.d_model))
                 self.W_inject[cfg.d_model :].normal_(0.0, cfg.init_std, generator=gen)
-
-    def _grow(self, n_iterations: int) -> None:
-        """Make sure hook modules exist for a run of ``n_iterations``; refresh the name tables."""
-        needed = self.cfg.n_virtual_layers(n_iterations)
-        if len(self.blocks) >= needed and len(self.loop) >= n_iterations:
-            return
-        previous = self._bound_iterations
-        placeholder = self.core[0]
-
-        def like_the_model(module: nn.Module) -> nn.Module:
-            # A module appended after .eval() / .to() must not run in the default (training) mode: its
-            # dropout would fire at inference, and TL's patching refuses a model with a training submodule.
-            return module.train(self.training).to(device=self.W_E.device, dtype=self.W_E.dtype)
-
-        while len(self.blocks) < needed:
-            self.blocks.append(like_the_model(TransformerBlock(self.cfg, placeholder)))
-        while len(self.loop) < n_iterations:
-            self.loop.append(like_the_model(IterationHooks(feedback=self.cfg.feedback > 0 and len(self.loop) > 0)))
-        self.setup()
-        # Bind eagerly, so attribute reads (model.blocks[v].attn.W_Q) never see placeholder weights.
-        self._bound_iterations = None
-        self._bind(previous if previous is not None else self.cfg.n_iterations)
-
-    def prepare(self, n_iterations: int) -> None:
-        """Create the virtual layers of a run of ``n_iterations`` and bind them for attribute reads
-        (``model.blocks[v].attn.W_Q``). Running needs no preparation: :meth:`steps`, and the step-level
-        embed_tokens / iterate / readout, create and bind the layers they run.
-        """
-        self._grow(self._check_iterations(n_iterations))
-        self._bind(n_iterations)
-
-    def setup(self) -> None:
-        """HookedRootModule.setup plus the per-iteration aliases ``loop.{t}.blocks.{l}.<hook>``.
-
-        Aliases live in mod_dict only (not hook_dict), so run_with_hooks accepts them while
-        run_with_cache still caches each hook point once, under its virtual-layer name.
-        """
-        super().setup()
-        cfg = self.cfg
-        for name, module in list(self.mod_dict.items()):
-            match = _BLOCK_NAME.match(name)
-            if match is None:
-                continue
-            v = int(match.group(1))
-            t, l = divmod(v - cfg.n_prelude, cfg.n_blocks)
-            if 0 <= v - cfg.n_prelude and t < len(self.loop):
-                self.mod_dict[f"loop.{t}.blocks.{l}.{match.group(2)}"] = module
-
-    def _bind(self, n_iterations: int) -> None:
-        """Point each virtual layer of a run of ``n_iterations`` at its physical weights.
-
-        Without a coda the binding does not depend on n_iterations (v -> core[(v - P) % L]); with one,
-        the coda's virtual indices move with the iteration count, so rebinding happens per run.
-        """
-        if self._bound_iterations == n_iterations:
-            return
-        for v, block in enumerate(self.blocks):
-            block.bind(self._weights_of(v, n_iterations))
-        self._bound_iterations = n_iterations
-
-    def _weights_of(self, layer: int, n_iterations: int) -> BlockParams:
-        """The physical block that virtual ``layer`` computes with in a run of ``n_iterations``."""
-        cfg = self.cfg
-        i, n_loop = layer - cfg.n_prelude, n_iterations * cfg.n_blocks
-        if i < 0:
-            return self.prelude[layer]
-        if n_loop <= i < n_loop + cfg.n_coda:
-            return self.coda[i - n_loop]
-        return self.core[i % cfg.n_blocks]  # in the loop, or beyond this run (a valid binding for reads)
-
-    def _block(self, layer: int, params: BlockParams) -> TransformerBlock:
-        """Virtual ``layer``'s module, computing with ``params``. Each step binds the layers it runs, so
-        a coda bound for a shorter run can never stand in for a core block (and vice versa)."""
-        block = self.blocks[layer]
-        if block.params is not params:
-            block.bind(params)
-            self._bound_iterations = None  # the whole-run binding no longer holds
-        return block
-
-    # ------------------------------------------------------------------------------------------------
-    # Names
-    # ------------------------------------------------------------------------------------------------
-    def virtual_layer(self, iteration: int, block: int) -> int:
-        """Virtual layer index of core ``block`` at ``iteration`` (both 0-based)."""
-        if not 0 <= block < self.cfg.n_blocks:
-            raise ValueError(f"block must be in [0, {self.cfg.n_blocks}), got {block}")
-        if iteration < 0:
-            raise ValueError(f"iteration must be >= 0, got {iteration}")
-        return self.cfg.n_prelude + iteration * self.cfg.n_blocks + block
-
-    def iteration_block(self, layer: int, n_iterations: int | None = None) -> tuple[str, int, int]:
-        """Where virtual ``layer`` sits in a run: ("prelude", 0, i), ("loop", t, l) or ("coda", 0, i)."""
-        cfg = self.cfg
-        T = cfg.n_iterations if n_iterations is None else n_iterations
-        if not 0 <= layer < cfg.n_virtual_layers(T):
-            raise ValueError(f"layer {layer} is outside a run of {T} iterations ({cfg.n_virtual_layers(T)} layers)")
-        i = layer - cfg.n_prelude
-        if i < 0:
-            return ("prelude", 0, layer)
-        if i < T * cfg.n_blocks:
-            t, l = divmod(i, cfg.n_blocks)
-            return ("loop", t, l)
-        return ("coda", 0, i - T * cfg.n_blocks)
-
-    def hook_name(self, hook: str, iteration: int, block: int) -> str:
-        """``hook_name("hook_resid_post", 2, 1)`` -> ``"blocks.{2 * L + 1}.hook_resid_post"``."""
-        return f"blocks.{self.virtual_layer(iteration, block)}.{hook}"
-
-    def canonical_name(self, name: str) -> str:
-        """Map an alias ``loop.{t}.blocks.{l}.<hook>`` to its virtual name; other names unchanged."""
-        match = _LOOP_NAME.match(name)
-        if match is None:
-            return name
-        t, l, rest = int(match.group(1)), int(match.group(2)), match.group(3)
-        return self.hook_name(rest, t, l)
-
-    def alias_name(self, name: str) -> str:
-        """Map ``blocks.{v}.<hook>`` of a core layer to ``loop.{t}.blocks.{l}.<hook>``."""
-        match = _BLOCK_NAME.match(name)
-        if match is None:
-            return name
-        i = int(match.group(1)) - self.cfg.n_prelude
-        if i < 0:
-            return name
-        t, l = divmod(i, self.cfg.n_blocks)
-        return f"loop.{t}.blocks.{l}.{match.group(2)}"
-
-    def _iterations_needed_for(self, names: Sequence[Any]) -> int:
-        """Smallest iteration count whose run has hook modules for all the string names given."""
-        needed = 0
-        cfg = self.cfg
-        for name in names:
-            if not isinstance(name, str):
-                continue
-            if (m := _BLOCK_NAME.match(name)) is not None:
-                i = int(m.group(1)) - cfg.n_prelude - cfg.n_coda
-                needed = max(needed, -(-(i + 1) // cfg.n_blocks))
-            elif (m := _LOOP_ANY.match(name)) is not None:
-                needed = max(needed, int(m.group(1)) + 1)
-        return needed
-
-    # ------------------------------------------------------------------------------------------------
-    # Input checks
-    # ------------------------------------------------------------------------------------------------
-    def check_tokens(self, tokens: Any) -> Tensor:
-        """Validate token ids (or encode query strings): a [batch, pos] long tensor on the model's device.
-
-        Raises TypeError / ValueError naming the problem (dtype, shape, id range, n_ctx).
-        """
-        return self._check_tokens(tokens)
-
-    def _check_tokens(self, tokens: Any) -> Tensor:
-        if isinstance(tokens, str | list) and self.vocab is not None:
-            tokens = self.to_tokens(tokens)
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, pos] (or [pos]), got {tuple(tokens.shape)}")
-        if tokens.shape[1] == 0:
-            raise ValueError("tokens must have at least one position")
-        if tokens.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(
-                f"token ids must be in [0, d_vocab={self.cfg.d_vocab}), got min {int(tokens.min())}, max {int(tokens.max())}"
-            )
-        return tokens.to(device=self.W_E.device, dtype=torch.long)
-
-    def _check_iterations(self, n_iterations: Any) -> int:
-        if n_iterations is None:
-            return self.cfg.n_iterations
-        if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
-            raise ValueError(f"n_iterations must be a positive integer, got {n_iterations!r}")
-        return n_iterations
 
     # ------------------------------------------------------------------------------------------------
     # Step-level entry points: embed -> iterate (x T) -> readout
@@ -627,127 +387,6 @@ class LoopedTransformer(HookedRootModule):
         return AdaptiveOutput(logits=final_logits, iterations=iterations, halted=~active)
 
     # ------------------------------------------------------------------------------------------------
-    # TransformerLens surface
-    # ------------------------------------------------------------------------------------------------
-    @property
-    def W_E(self) -> Tensor:
-        return self.embed.W_E
-
-    @property
-    def W_U(self) -> Tensor:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Tensor:
-        return self.unembed.b_U
-
-    @property
-    def W_pos(self) -> Tensor:
-        if self.cfg.positional != "learned":
-            raise AttributeError("this model has no positional embedding (positional='none')")
-        return self.pos_embed.W_pos
-
-    @contextlib.contextmanager
-    def iterations(self, n_iterations: int) -> Iterator[LoopedTransformer]:
-        """Temporarily change the default iteration count (and so ``cfg.n_layers``).
-
-        For code that calls the model itself without passing n_iterations, e.g.
-        ``with model.iterations(8): transformer_lens.patching.get_act_patch_resid_pre(model, ...)``.
-        Restored on exit, also on error.
-        """
-        T = self._check_iterations(n_iterations)
-        old = self.cfg.n_iterations
-        self._grow(T)
-        self.cfg.n_iterations = T
-        try:
-            yield self
-        finally:
-            self.cfg.n_iterations = old
-
-    @contextlib.contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
-        """TransformerLens's ``hooks()``; names of iterations not run yet are created on demand."""
-        names = [name for name, _ in [*fwd_hooks, *bwd_hooks]]
-        self._grow(max(self._iterations_needed_for(names), 1))
-        with super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as model:
-            yield model
-
-    def run_with_hooks(self, *model_args: Any, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
-                       clear_contexts: bool = False, **model_kwargs: Any) -> Any:
-        self._grow(self._check_iterations(model_kwargs.get("n_iterations")))
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
-            return self(*model_args, **model_kwargs)
-
-    def run_with_cache(self, *model_args: Any, names_filter: Any = None, device: Any = None,
-                       remove_batch_dim: bool = False, incl_bwd: bool = False, reset_hooks_end: bool = True,
-                       clear_contexts: bool = False, pos_slice: Any = None, return_cache_object: bool = True,
-                       **model_kwargs: Any) -> tuple[Any, ActivationCache | dict]:
-        """Run and cache every hook that fires: T iterations give T distinct entries per block hook.
-
-        The returned ActivationCache sees ``cfg.n_layers`` of *this* run (a view of the model at
-        ``n_iterations``), so accumulated_resid, decompose_resid, apply_ln_to_stack etc. cover it all.
-        """
-        T = self._check_iterations(model_kwargs.get("n_iterations"))
-        self._grow(T)
-        cache_dict, fwd, bwd = self.get_caching_hooks(
-            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
-        )
-        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            out = self(*model_args, **model_kwargs)
-            if incl_bwd:
-                out.backward()
-        if not return_cache_object:
-            return out, cache_dict
-        return out, LoopedActivationCache(cache_dict, self.at_iterations(T), has_batch_dim=not remove_batch_dim)
-
-    def at_iterations(self, n_iterations: int) -> ModelAtIterations:
-        """A read-only view of this model whose ``cfg.n_layers`` is that of a run of ``n_iterations``."""
-        return ModelAtIterations(self, self._check_iterations(n_iterations))
-
-    def to_tokens(self, input: str | list[str], **_: Any) -> Int[Tensor, "batch pos"]:
-        """Query strings ("e17 r3 r9") to right-padded token ids; needs ``model.vocab`` (a data.Vocab)."""
-        if self.vocab is None:
-            raise ValueError("this model has no vocab attached: set model.vocab = dataset.vocab (or load a checkpoint)")
-        queries = [input] if isinstance(input, str) else list(input)
-        tokens, _ = self.vocab.encode_batch(queries)
-        return tokens.to(self.W_E.device)
-
-    def to_str_tokens(self, input: Tensor | str, **_: Any) -> list[str]:
-        if self.vocab is None:
-            raise ValueError("this model has no vocab attached: set model.vocab = dataset.vocab")
-        if isinstance(input, str):
-            return input.split()
-        ids = input.flatten().tolist()
-        return [self.vocab.tokens[i] for i in ids]
-
-    def to_string(self, tokens: Tensor) -> str | list[str]:
-        if self.vocab is None:
-            raise ValueError("this model has no vocab attached: set model.vocab = dataset.vocab")
-        if tokens.ndim == 2:
-            return [self.vocab.decode(row.tolist()) for row in tokens]
-        return self.vocab.decode(tokens.tolist())
-
-    def to_single_token(self, string: str) -> int:
-        ids = self.vocab.encode(string) if self.vocab is not None else None
-        if not ids or len(ids) != 1:
-            raise ValueError(f"{string!r} is not a single token of this model's vocab")
-        return ids[0]
-
-    def tokens_to_residual_directions(self, tokens: Any) -> Tensor:
-        """Unembedding directions of ``tokens`` ([..., d_model]); used by ActivationCache.logit_attrs."""
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        if isinstance(tokens, int):
-            return self.W_U[:, tokens]
-        tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return einops.rearrange(self.W_U[:, tokens], "d_model ... -> ... d_model")
-
-    def _apply(self, fn, recurse: bool = True):  # keep cfg.device in step with .to()/.cuda()/.cpu()
-        out = super()._apply(fn, recurse) if recurse else super()._apply(fn, recurse=False)
-        self.cfg.device = str(self.embed.W_E.device)
-        return out
-
-    # ------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, **meta: Any) -> Path:
@@ -773,42 +412,3 @@ class LoopedTransformer(HookedRootModule):
         from looplens.models.pretrained import from_pretrained
 
         return from_pretrained(src, n_iterations, **kwargs)
-
-
-class LoopedActivationCache(ActivationCache):
-    """TransformerLens's ActivationCache that also answers to ``loop.{t}.blocks.{l}.<hook>`` aliases."""
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            key = self.model.canonical_name(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key) -> bool:
-        if isinstance(key, str):
-            key = self.model.canonical_name(key)
-        return key in self.cache_dict
-
-
-class ModelAtIterations:
-    """A view of a LoopedTransformer fixed at one iteration count (used by ActivationCache).
-
-    ``cfg`` is a copy whose ``n_layers`` covers a run of ``n_iterations``; everything else is read from
-    the model (``blocks``, ``ln_final``, ``W_U`` ...), with the virtual layers bound for that run.
-    """
-
-    def __init__(self, model: LoopedTransformer, n_iterations: int):
-        self._model = model
-        self.n_iterations = n_iterations
-        self.cfg = model.cfg.replace(n_iterations=n_iterations)
-        self.cfg.device = model.cfg.device
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        self._model._bind(self.n_iterations)
-        return self._model.blocks
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __repr__(self) -> str:
-        return f"ModelAtIterations({self.n_iterations}) of {self._model.__class__.__name__}"
