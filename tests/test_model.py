@@ -516,3 +516,15 @@ def test_tl_patching_runs_past_the_trained_iterations_and_matches_a_manual_patch
         with torch.no_grad():
             manual = metric(model.run_with_hooks(corrupt, n_iterations=T, fwd_hooks=[(name, patch)]))
         torch.testing.assert_close(tl[layer, pos], manual, atol=1e-5, rtol=1e-5)
+
+
+def test_tl_plumbing_lives_in_models_hooked_and_public_names_stay_importable():
+    import looplens.models as models
+    from looplens.models import hooked, looped
+
+    for name in ("LoopedTransformer", "LoopedActivationCache", "ModelAtIterations", "AdaptiveOutput", "LoopStep"):
+        assert getattr(models, name) is getattr(looped, name)
+    for method in ("run_with_cache", "run_with_hooks", "hooks", "iterations", "setup", "canonical_name", "to_tokens"):
+        assert getattr(LoopedTransformer, method).__module__ == hooked.__name__, method
+    source = looped.__file__ and open(looped.__file__).read()
+    assert "mod_dict" not in source and "ActivationCache(" not in source  # no TL plumbing in the architecture
