@@ -11,12 +11,15 @@ imports (numpy, torch, pandas) happen inside the handlers so `looplens --help` s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from looplens.data.config import TASKS, WORLDS, DataConfig
 
-_D = DataConfig()
+# the defaults, read off the fields: building a DataConfig here would import pydantic on `--help`
+_D = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(DataConfig)})
 # CLI flag of each DataConfig field, so validation errors name what the user typed
 FLAGS = {
     "task": "--task", "world": "--world", "n_entities": "--entities", "n_relations": "--relations",

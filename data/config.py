@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from looplens.data.validation import check, setting
 
 TASKS = ("composition", "depth")
 WORLDS = ("random-tail", "permutation")
@@ -38,50 +38,33 @@ class DataConfig:
     ValueError: DataConfig.n_entities must be an integer >= 2, got -1
     """
 
-    task: str = "composition"
-    world: str = "random-tail"
-    n_entities: int = 2000
-    n_relations: int = 200
-    out_degree: int = 20
-    ood_fraction: float = 0.05  # composition: share of atomic facts (per fact) that are OOD
-    phi: float = 7.2  # composition: |trained 2-hop facts| = round(phi * |ID atomic facts|)
-    test_id_fraction: float = 0.005  # composition: trainable 2-hop facts held out as test_inferred_id
-    eval_max: int = 3000  # cap on every evaluation split
-    max_hops: int = 40  # depth: chains of k = 2..max_hops hops
-    per_hop_train: int = 15000  # depth: train chains per k
-    per_hop_test: int = 750  # depth: test chains per k
-    seed: int = 0
+    task: str = setting("composition", choices=TASKS)
+    world: str = setting("random-tail", choices=WORLDS)
+    n_entities: int = setting(2000, ge=2)
+    n_relations: int = setting(200, ge=1)
+    out_degree: int = setting(20, ge=1)
+    ood_fraction: float = setting(0.05, ge=0, lt=1)  # composition: share of atomic facts (per fact) that are OOD
+    phi: float = setting(7.2, ge=0)  # composition: |trained 2-hop facts| = round(phi * |ID atomic facts|)
+    test_id_fraction: float = setting(0.005, ge=0, lt=1)  # composition: trainable 2-hop facts held out as test_inferred_id
+    eval_max: int = setting(3000, ge=1)  # cap on every evaluation split
+    max_hops: int = setting(40, ge=2)  # depth: chains of k = 2..max_hops hops
+    per_hop_train: int = setting(15000, ge=1)  # depth: train chains per k
+    per_hop_test: int = setting(750, ge=1)  # depth: test chains per k
+    seed: int = setting(0, ge=0)
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, TASKS)
-        _check_choice("world", self.world, WORLDS)
-        _check_int("n_entities", self.n_entities, 2)
-        _check_int("n_relations", self.n_relations, 1)
+        # types and ranges (data/validation.py, pydantic); numpy scalars are stored as Python numbers,
+        # ints given for float fields as floats, so to_dict() is JSON-ready and the checksum stable
+        check(self, "DataConfig.")
         if self.world == "permutation":
             # every entity has every relation in a permutation world; a different value would be
             # meaningless, so normalise it instead of hashing a number that changes nothing
             object.__setattr__(self, "out_degree", self.n_relations)
-        _check_int("out_degree", self.out_degree, 1)
         if self.out_degree > self.n_relations:
             raise ValueError(
                 f"DataConfig.out_degree must be <= n_relations ({self.n_relations}): an entity has at most "
                 f"one edge per relation, got {self.out_degree}"
             )
-        _check_fraction("ood_fraction", self.ood_fraction)
-        _check_fraction("test_id_fraction", self.test_id_fraction)
-        _check_float("phi", self.phi)
-        _check_int("eval_max", self.eval_max, 1)
-        _check_int("max_hops", self.max_hops, 2)
-        _check_int("per_hop_train", self.per_hop_train, 1)
-        _check_int("per_hop_test", self.per_hop_test, 1)
-        _check_int("seed", self.seed, 0)
-        # numpy scalars are accepted but stored as plain Python numbers, so to_dict() is JSON-ready
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int":
-                object.__setattr__(self, f.name, int(value))
-            elif f.type == "float":
-                object.__setattr__(self, f.name, float(value))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -129,23 +112,3 @@ class DataConfig:
                      "--per-hop-test", str(self.per_hop_test)]
         return args + ["--eval-max", str(self.eval_max), "--seed", str(self.seed)]
 
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"DataConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"DataConfig.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"DataConfig.{name} must be a finite number >= 0, got {value!r}")
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    _check_float(name, value)
-    if value >= 1:
-        raise ValueError(f"DataConfig.{name} must be in [0, 1), got {value!r}")

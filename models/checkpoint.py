@@ -94,7 +94,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", **expe
         raise FileNotFoundError(f"checkpoint {weights_path} is missing (its sidecar {sidecar_path.name} exists)")
     blob = weights_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != sidecar["weights_sha256"]:
-        raise InvalidFileError(weights_path, f"sha256 differs from its sidecar's ({len(blob):,} bytes): the weights "
+        raise InvalidFileError(weights_path, f"sha256 mismatch with its sidecar ({len(blob):,} bytes): the weights "
                                              "file is truncated, corrupted or was changed after saving")
     for key, want in expect.items():
         if sidecar.get(key) != want:

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from looplens.data.validation import check, setting, validate
+
 ActFn = Literal["gelu", "gelu_new", "relu", "silu"]
 _ACT_FNS = ("gelu", "gelu_new", "relu", "silu")
 _POSITIONAL = ("none", "learned")
@@ -35,36 +37,36 @@ class LoopedConfig:
     True
     """
 
-    d_vocab: int
-    n_ctx: int
-    d_model: int = 128
-    n_heads: int = 4
-    d_head: int | None = None  # default d_model // n_heads
-    d_mlp: int | None = None  # default 4 * d_model
-    n_blocks: int = 4  # physical blocks inside the loop (weights exist once each)
-    n_iterations: int = 4  # default recurrence; forward(..., n_iterations=T) overrides per call
-    act_fn: str = "gelu"
-    positional: str = "learned"  # "learned" absolute positions, or "none" (NoPE, section 6)
-    ln_eps: float = 1e-5
-    dropout: float = 0.0  # attention-pattern and residual (attn_out, mlp_out) dropout: GPT-2's attn/resid_pdrop
+    d_vocab: int = setting(ge=1)
+    n_ctx: int = setting(ge=1)
+    d_model: int = setting(128, ge=1)
+    n_heads: int = setting(4, ge=1)
+    d_head: int | None = setting(None, ge=1)  # default d_model // n_heads
+    d_mlp: int | None = setting(None, ge=1)  # default 4 * d_model
+    n_blocks: int = setting(4, ge=1)  # physical blocks inside the loop (weights exist once each)
+    n_iterations: int = setting(4, ge=1)  # default recurrence; forward(..., n_iterations=T) overrides per call
+    act_fn: str = setting("gelu", choices=_ACT_FNS)
+    positional: str = setting("learned", choices=_POSITIONAL)  # "learned" absolute positions, or "none" (NoPE, section 6)
+    ln_eps: float = setting(1e-5, gt=0)
+    dropout: float = setting(0.0, ge=0, lt=1)  # attention-pattern and residual (attn_out, mlp_out) dropout: GPT-2's attn/resid_pdrop
     # dropout of the embedded input (GPT-2's embd_pdrop; None: dropout). The paper's depth code sets only
     # embd_pdrop (0.0) and keeps GPT-2's attn/resid_pdrop 0.1 (docs/fidelity.md).
-    embed_dropout: float | None = None
+    embed_dropout: float | None = setting(None, ge=0, lt=1)
     tie_embeddings: bool = True  # W_U = W_E^T, as in the paper (GPT-2 style)
     zero_init_out: bool = False  # W_O and W_out start at zero: every block is the identity at init
-    init_std: float = 0.02  # std of every weight matrix at init (GPT-2's 0.02)
+    init_std: float = setting(0.02, gt=0)  # std of every weight matrix at init (GPT-2's 0.02)
     # std of the token and position embeddings at init (None: init_std). The paper's code builds its
     # embeddings with plain nn.Embedding, so they keep torch's N(0, 1) (docs/fidelity.md).
-    embed_init_std: float | None = None
+    embed_init_std: float | None = setting(None, gt=0)
     unembed_bias: bool = True  # b_U; the paper's tied lm_head has none (docs/fidelity.md)
-    n_prelude: int = 0  # blocks before the loop (Huginn's prelude), run once
-    n_coda: int = 0  # blocks after the loop (Huginn's coda), run once
-    input_injection: str = "none"  # re-inject the embedded input at each iteration t >= 1
+    n_prelude: int = setting(0, ge=0)  # blocks before the loop (Huginn's prelude), run once
+    n_coda: int = setting(0, ge=0)  # blocks after the loop (Huginn's coda), run once
+    input_injection: str = setting("none", choices=_INJECTION)  # re-inject the embedded input at each iteration t >= 1
     # Readout feedback: before each iteration t >= 1, add feedback * softmax(readout(state)) @ W_E to the
     # state at every position: the model's own soft answer so far, re-embedded (0: off, the paper's model).
-    feedback: float = 0.0
+    feedback: float = setting(0.0, ge=0)
     pad_token_id: int | None = 0  # right padding; the readout position is the last non-pad token
-    seed: int | None = None  # init seed (None: use the global RNG)
+    seed: int | None = setting(None, ge=0)  # init seed (None: use the global RNG)
     device: str = field(default="cpu", compare=False)
 
     # TransformerLens reads these; fixed by our architecture (pre-LN, LayerNorm, no rotary, ...).
@@ -88,33 +90,13 @@ class LoopedConfig:
             if not ok:
                 raise ValueError(f"LoopedConfig: {what}")
 
-        for name in ("d_vocab", "n_ctx", "d_model", "n_heads", "n_blocks", "n_iterations"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
+        check(self, "LoopedConfig: ")  # types, ranges and choices of every field (pydantic, data/validation.py)
         if self.d_head is None:
             need(self.d_model % self.n_heads == 0,
                  f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless d_head is set")
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
-        need(self.d_head >= 1 and self.d_mlp >= 1, "d_head and d_mlp must be positive")
-        need(self.act_fn in _ACT_FNS, f"act_fn must be one of {_ACT_FNS}, got {self.act_fn!r}")
-        need(self.positional in _POSITIONAL, f"positional must be one of {_POSITIONAL}, got {self.positional!r}")
-        need(self.input_injection in _INJECTION,
-             f"input_injection must be one of {_INJECTION}, got {self.input_injection!r}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.embed_dropout is None or 0.0 <= self.embed_dropout < 1.0,
-             f"embed_dropout must be in [0, 1) (or None: dropout), got {self.embed_dropout}")
-        need(isinstance(self.feedback, int | float) and self.feedback >= 0,
-             f"feedback must be a number >= 0 (0: off), got {self.feedback!r}")
-        need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
-        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
-        need(self.embed_init_std is None or self.embed_init_std > 0,
-             f"embed_init_std must be > 0 (or None: init_std), got {self.embed_init_std}")
-        for name in ("n_prelude", "n_coda"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         if self.pad_token_id is not None:
             need(0 <= self.pad_token_id < self.d_vocab,
                  f"pad_token_id must be in [0, d_vocab={self.d_vocab}), got {self.pad_token_id}")
@@ -146,7 +128,7 @@ class LoopedConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"LoopedConfig: unknown key(s) {unknown}; known keys: {sorted(known - {'device'})}")
-        return cls(**d)
+        return cls(**validate(cls, d, "LoopedConfig: "))  # checked before construction: errors name the key
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

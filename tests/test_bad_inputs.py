@@ -72,6 +72,8 @@ RUN_CASES = [
     (CONFIG, _write(b"\x00\xff\xfe garbage"), "run config is not text"),
     (CONFIG, _write(b"[1, 2]"), "run config must be a JSON object, got list"),
     (CONFIG, _edit_json(lambda o: o.pop("config")), "run config has no 'config' table"),
+    (CONFIG, _edit_json(lambda o: o["config"]["optim"].update(lr="fast")),
+     "invalid training config: optim.lr must be a finite number >= 0, got 'fast'"),
     (CONFIG, _edit_json(lambda o: o["config"]["optim"].update(lrate=1)), "unknown key 'lrate' in section [optim]"),
     (CONFIG, _set_format("looplens-run-v7", "9.1.0"),
      "run directory format v7 written by looplens 9.1.0 (newer); this looplens"),
@@ -85,7 +87,7 @@ RUN_CASES = [
     (SIDECAR, _edit_json(lambda o: o["config"].update(d_model=-3)), "invalid model config"),
     (SIDECAR, _set_format("looplens-checkpoint-v2", "1.4.0"),
      "checkpoint format v2 written by looplens 1.4.0 (newer)"),
-    (WEIGHTS, _truncate, "sha256 differs from its sidecar's"),
+    (WEIGHTS, _truncate, "sha256 mismatch with its sidecar"),
     (WEIGHTS, _write(b"not safetensors"), "the weights file is truncated, corrupted"),
 ]
 IDS = [f"{file}-{i}" for i, (file, _, _) in enumerate(RUN_CASES)]

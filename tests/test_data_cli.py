@@ -60,7 +60,7 @@ def test_generate_depth_then_export_and_import(tmp_path, capsys):
         ([*COMP_ARGS, "--phi", "99", "--out", "X"], ["phi=99.0 asks for", "lower --phi"]),
         ([*DEPTH_ARGS, "--per-hop-train", "500", "--out", "X"], ["k=2", "distinct 2-hop chains"]),
         ([*DEPTH_ARGS, "--out-degree", "2", "--out", "X"], ["--out-degree applies to random-tail worlds only"]),
-        ([*COMP_ARGS, "--ood-fraction", "1.2", "--out", "X"], ["--ood-fraction must be in [0, 1)"]),
+        ([*COMP_ARGS, "--ood-fraction", "1.2", "--out", "X"], ["--ood-fraction must be a number in [0, 1), got 1.2"]),
     ],
 )
 def test_generate_user_errors(tmp_path, capsys, monkeypatch, argv, fragments):

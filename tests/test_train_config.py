@@ -89,10 +89,55 @@ def test_from_toml(tmp_path):
 
 
 def test_parse_value():
-    assert parse_value("1e4", "int") == 10000
-    assert parse_value("null", "float | None") is None
-    with pytest.raises(ValueError):
-        parse_value("maybe", "bool")
+    assert parse_value("1e4", "run", "max_steps") == 10000
+    assert parse_value("null", "optim", "grad_clip") is None
+    assert parse_value("none", "model", "positional") == "none"  # a choice named none stays a string
+    assert parse_value("0.9, 0.98", "optim", "betas") == [0.9, 0.98]
+    with pytest.raises(ValueError, match="optim.orthograd must be true or false, got 'maybe'"):
+        parse_value("maybe", "optim", "orthograd")
+    with pytest.raises(ValueError, match="optim.batch_size must be an integer >= 1, got 'true'"):
+        parse_value("true", "optim", "batch_size")  # JSON's true is not the number 1
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("optim", {"lr": "fast"}, "optim.lr must be a finite number >= 0, got 'fast'"),
+        ("optim", {"lr": float("inf")}, "optim.lr must be a finite number >= 0, got inf"),
+        ("optim", {"batch_size": 1.5}, "optim.batch_size must be an integer >= 1, got 1.5"),
+        ("optim", {"batch_size": True}, "optim.batch_size must be an integer >= 1, got True"),
+        ("optim", {"betas": [0.9]}, "optim.betas must be a list of 2 items, each a number in [0, 1), got [0.9]"),
+        ("optim", {"schedule": "exp"}, "optim.schedule must be one of constant, linear, cosine, got 'exp'"),
+        ("eval", {"halting": "kl2"}, "eval.halting must be one of kl, entropy, kl+entropy, latent (or none)"),
+        ("model", {"n_blocks": "4"}, "model.n_blocks must be an integer >= 1, got '4'"),
+        ("data", {"ood_fraction": 1.0}, "data.ood_fraction must be a number in [0, 1), got 1.0"),
+        ("run", {"log_checkpoints": "yes"}, "run.log_checkpoints must be true or false, got 'yes'"),
+    ],
+)
+def test_config_values_of_the_wrong_type_fail_naming_the_key(tmp_path, section, values, message):
+    """TOML / JSON values are checked strictly (no "4" for an int), and the error names section.key."""
+    with pytest.raises(ValueError) as err:
+        TrainConfig.from_dict({section: values})
+    assert str(err.value) == message or str(err.value).startswith(message), str(err.value)
+
+
+def test_numpy_scalars_and_tuples_become_plain_values():
+    import numpy as np
+    from looplens.data import DataConfig
+
+    cfg = DataConfig(n_entities=np.int64(50), phi=np.float32(2.0), ood_fraction=0)
+    assert type(cfg.n_entities) is int and type(cfg.phi) is float and type(cfg.ood_fraction) is float
+    assert TrainConfig.from_dict({"optim": {"betas": (0.9, 0.95)}}).optim.betas == [0.9, 0.95]
+
+
+def test_validation_does_not_import_pydantic_until_used():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport looplens.models.train.config, looplens.data.config\n"
+            "assert 'pydantic' not in sys.modules\n"
+            "looplens.models.train.config.TrainConfig()\nassert 'pydantic' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_presets_load_and_describe_themselves():

@@ -10,7 +10,9 @@ Sections (each a small dataclass that validates itself, per STYLE.md habit 6)::
     eval        what is evaluated during training, how often, at which iteration counts
     run         seed, stop conditions, checkpoints, device
 
-``--set section.key=value`` overrides are parsed by the field's declared type (see :func:`parse_value`).
+Each field declares its constraints beside its default (``setting(1e-3, ge=0)``); pydantic checks them
+(data/validation.py), so every error names the field. ``--set section.key=value`` overrides are parsed
+by the field's declared type (see :func:`parse_assignment`).
 
 >>> cfg = TrainConfig.from_dict({"optim": {"lr": 3e-4}})
 >>> cfg = cfg.with_overrides(["optim.batch_size=64", "eval.iterations=1,2,8"])
@@ -26,14 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looplens.data import DataConfig
+from looplens.data.config import DataConfig
+from looplens.data.validation import check, parse, setting, validate
 from looplens.models.config import LoopedConfig
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -50,36 +51,6 @@ DEVICES = ("auto", "cpu", "cuda")
 _MODEL_EXCLUDED = ("d_vocab", "n_ctx", "device")
 
 
-def _fail(section: str, key: str, what: str) -> None:
-    raise ValueError(f"{section}.{key} {what}")
-
-
-def _int(section: str, key: str, value: Any, minimum: int | None = None, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(section, key, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        _fail(section, key, f"must be >= {minimum}, got {value!r}")
-
-
-def _float(section: str, key: str, value: Any, lo: float | None = None, hi: float | None = None,
-           optional: bool = False, hi_open: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        _fail(section, key, f"must be a finite number, got {value!r}")
-    if lo is not None and value < lo:
-        _fail(section, key, f"must be >= {lo}, got {value!r}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        _fail(section, key, f"must be {'<' if hi_open else '<='} {hi}, got {value!r}")
-
-
-def _choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(section, key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
 # -------------------------------------------------------------------------------------------------
 # Sections
 # -------------------------------------------------------------------------------------------------
@@ -89,13 +60,12 @@ def _model_fields() -> list[tuple[str, Any, Any]]:
         if f.name in _MODEL_EXCLUDED:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        out.append((f.name, f.type, field(default=default)))
+        out.append((f.name, f.type, field(default=default, metadata=f.metadata)))  # metadata: its constraints
     return out
 
 
 def _model_post_init(self) -> None:
-    if self.seed is not None:
-        _int("model", "seed", self.seed, 0)
+    check(self, "model.")
     try:  # LoopedConfig validates everything; d_vocab / n_ctx are placeholders until the dataset is known
         self.to_looped(d_vocab=max(1024, (self.pad_token_id or 0) + 1), n_ctx=64)
     except ValueError as err:
@@ -133,52 +103,28 @@ class OptimConfig:
     gradient norm). loss: "softmax" cross-entropy or "stablemax" (s(x) = x + 1 for x >= 0 else 1 / (1 - x)).
     """
 
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    no_decay: list[str] = field(default_factory=lambda: list(NO_DECAY_GROUPS))
-    batch_size: int = 512
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    decay_steps: int | None = None  # linear/cosine: steps from the end of warm-up to min_lr (None: max_steps)
-    min_lr_ratio: float = 0.0
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # max global grad norm; None or 0: off
-    loss: str = "softmax"
-    atomic_share: float | None = None
-    grokfast_alpha: float = 0.98
-    grokfast_lambda: float = 0.0
+    lr: float = setting(1e-3, ge=0)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
+    eps: float = setting(1e-8, ge=0)
+    weight_decay: float = setting(0.01, ge=0)
+    no_decay: list[str] = setting(factory=lambda: list(NO_DECAY_GROUPS), choices=NO_DECAY_GROUPS)
+    batch_size: int = setting(512, ge=1)
+    warmup_steps: int = setting(0, ge=0)
+    schedule: str = setting("constant", choices=SCHEDULES)
+    # linear/cosine: steps from the end of warm-up to min_lr (None: max_steps)
+    decay_steps: int | None = setting(None, ge=1)
+    min_lr_ratio: float = setting(0.0, ge=0, le=1)
+    label_smoothing: float = setting(0.0, ge=0, lt=1)
+    grad_clip: float | None = setting(None, ge=0)  # max global grad norm; None or 0: off
+    loss: str = setting("softmax", choices=LOSSES)
+    atomic_share: float | None = setting(None, ge=0, le=1)
+    grokfast_alpha: float = setting(0.98, ge=0, lt=1)
+    grokfast_lambda: float = setting(0.0, ge=0)
     orthograd: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = setting("auto", choices=PRECISIONS)  # auto: bf16 autocast on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
-        s = "optim"
-        _float(s, "lr", self.lr, 0.0)
-        if not (isinstance(self.betas, list | tuple) and len(self.betas) == 2):
-            _fail(s, "betas", f"must be two numbers, got {self.betas!r}")
-        self.betas = [float(b) for b in self.betas]
-        for b in self.betas:
-            _float(s, "betas", b, 0.0, 1.0, hi_open=True)
-        _float(s, "eps", self.eps, 0.0)
-        _float(s, "weight_decay", self.weight_decay, 0.0)
-        self.no_decay = list(self.no_decay)
-        for group in self.no_decay:
-            _choice(s, "no_decay", group, NO_DECAY_GROUPS)
-        _int(s, "batch_size", self.batch_size, 1)
-        _int(s, "warmup_steps", self.warmup_steps, 0)
-        _choice(s, "schedule", self.schedule, SCHEDULES)
-        _int(s, "decay_steps", self.decay_steps, 1, optional=True)
-        _float(s, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _float(s, "label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        _float(s, "grad_clip", self.grad_clip, 0.0, optional=True)
-        _choice(s, "loss", self.loss, LOSSES)
-        _float(s, "atomic_share", self.atomic_share, 0.0, 1.0, optional=True)
-        _float(s, "grokfast_alpha", self.grokfast_alpha, 0.0, 1.0, hi_open=True)
-        _float(s, "grokfast_lambda", self.grokfast_lambda, 0.0)
-        if not isinstance(self.orthograd, bool):
-            _fail(s, "orthograd", f"must be true or false, got {self.orthograd!r}")
-        _choice(s, "precision", self.precision, PRECISIONS)
+        check(self, "optim.")
 
 
 @dataclass
@@ -195,25 +141,18 @@ class RecurrenceConfig:
     intermediate entity is supervised). Intended for the composition task (issue 8's ladder).
     """
 
-    mode: str = "fixed"
-    mean: float = 4.0
-    min: int = 2
-    max: int = 8
-    sigma: float = 0.5
-    backprop_last: int | None = None
-    supervise: str = "last"
+    mode: str = setting("fixed", choices=RECURRENCE_MODES)
+    mean: float = setting(4.0, ge=0)
+    min: int = setting(2, ge=1)
+    max: int = setting(8, ge=1)
+    sigma: float = setting(0.5, ge=0)
+    backprop_last: int | None = setting(None, ge=1)
+    supervise: str = setting("last", choices=SUPERVISE_MODES)
 
     def __post_init__(self) -> None:
-        s = "recurrence"
-        _choice(s, "supervise", self.supervise, SUPERVISE_MODES)
-        _choice(s, "mode", self.mode, RECURRENCE_MODES)
-        _float(s, "mean", self.mean, 0.0)
-        _int(s, "min", self.min, 1)
-        _int(s, "max", self.max, 1)
+        check(self, "recurrence.")
         if self.max < self.min:
-            _fail(s, "max", f"must be >= recurrence.min ({self.min}), got {self.max}")
-        _float(s, "sigma", self.sigma, 0.0)
-        _int(s, "backprop_last", self.backprop_last, 1, optional=True)
+            raise ValueError(f"recurrence.max must be >= recurrence.min ({self.min}), got {self.max}")
 
 
 @dataclass
@@ -228,26 +167,17 @@ class CurriculumConfig:
     """
 
     enabled: bool = False
-    start: int = 2
-    threshold: float = 0.95
-    stage_budget: int = 10_000
+    start: int = setting(2, ge=2)
+    threshold: float = setting(0.95, ge=0, le=1)
+    stage_budget: int = setting(10_000, ge=1)
     reset_optimizer: bool = True
-    max_stage: int | None = None
-    metric: str = "fixed"
+    max_stage: int | None = setting(None, ge=2)
+    metric: str = setting("fixed", choices=CURRICULUM_METRICS)
 
     def __post_init__(self) -> None:
-        s = "curriculum"
-        if not isinstance(self.enabled, bool):
-            _fail(s, "enabled", f"must be true or false, got {self.enabled!r}")
-        _int(s, "start", self.start, 2)
-        _float(s, "threshold", self.threshold, 0.0, 1.0)
-        _int(s, "stage_budget", self.stage_budget, 1)
-        if not isinstance(self.reset_optimizer, bool):
-            _fail(s, "reset_optimizer", f"must be true or false, got {self.reset_optimizer!r}")
-        _int(s, "max_stage", self.max_stage, 2, optional=True)
+        check(self, "curriculum.")
         if self.max_stage is not None and self.max_stage < self.start:
-            _fail(s, "max_stage", f"must be >= curriculum.start ({self.start}), got {self.max_stage}")
-        _choice(s, "metric", self.metric, CURRICULUM_METRICS)
+            raise ValueError(f"curriculum.max_stage must be >= curriculum.start ({self.start}), got {self.max_stage}")
 
 
 @dataclass
@@ -259,32 +189,19 @@ class EvalConfig:
     (logged with iterations = 0).
     """
 
-    every: int = 100
-    iterations: list[int] = field(default_factory=list)
+    every: int = setting(100, ge=1)
+    iterations: list[int] = setting(factory=list, ge=1)
     splits: list[str] = field(default_factory=list)
-    max_hops: int | None = None
-    batch_size: int = 4096
-    halting: str | None = None
-    halting_eps: float = 0.01
-    halting_entropy: float = 3.0
-    halting_max_iterations: int = 16
+    max_hops: int | None = setting(None, ge=1)
+    batch_size: int = setting(4096, ge=1)
+    halting: str | None = setting(None, choices=HALTING_RULES)
+    halting_eps: float = setting(0.01, ge=0)
+    halting_entropy: float = setting(3.0, ge=0)
+    halting_max_iterations: int = setting(16, ge=2)
 
     def __post_init__(self) -> None:
-        s = "eval"
-        _int(s, "every", self.every, 1)
-        self.iterations = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
-                           for t in self.iterations]
-        for t in self.iterations:
-            _int(s, "iterations", t, 1)
+        check(self, "eval.")
         self.iterations = sorted(set(self.iterations))
-        self.splits = [str(x) for x in self.splits]
-        _int(s, "max_hops", self.max_hops, 1, optional=True)
-        _int(s, "batch_size", self.batch_size, 1)
-        if self.halting is not None:
-            _choice(s, "halting", self.halting, HALTING_RULES)
-        _float(s, "halting_eps", self.halting_eps, 0.0)
-        _float(s, "halting_entropy", self.halting_entropy, 0.0)
-        _int(s, "halting_max_iterations", self.halting_max_iterations, 2)
 
 
 @dataclass
@@ -300,36 +217,23 @@ class RunConfig:
     ``threads``: torch CPU threads during the run (0 = leave torch's setting).
     """
 
-    seed: int = 0
-    max_steps: int = 1000
-    time_budget_minutes: float | None = None
+    seed: int = setting(0, ge=0)
+    max_steps: int = setting(1000, ge=0)
+    time_budget_minutes: float | None = setting(None, ge=0)
     stop_split: str | None = None
-    stop_accuracy: float | None = None
-    log_every: int = 10
-    checkpoint_every: int = 0
+    stop_accuracy: float | None = setting(None, ge=0, le=1)
+    log_every: int = setting(10, ge=1)
+    checkpoint_every: int = setting(0, ge=0)
     log_checkpoints: bool = True
-    save_every: int = 500
-    device: str = "auto"
-    threads: int = 1
+    save_every: int = setting(500, ge=1)
+    device: str = setting("auto", choices=DEVICES)
+    threads: int = setting(1, ge=0)
     data_root: str = ""
 
     def __post_init__(self) -> None:
-        s = "run"
-        _int(s, "seed", self.seed, 0)
-        _int(s, "max_steps", self.max_steps, 0)
-        _float(s, "time_budget_minutes", self.time_budget_minutes, 0.0, optional=True)
-        _float(s, "stop_accuracy", self.stop_accuracy, 0.0, 1.0, optional=True)
+        check(self, "run.")
         if (self.stop_split is None) != (self.stop_accuracy is None):
-            _fail(s, "stop_split", "and run.stop_accuracy must be set together")
-        _int(s, "log_every", self.log_every, 1)
-        _int(s, "checkpoint_every", self.checkpoint_every, 0)
-        if not isinstance(self.log_checkpoints, bool):
-            _fail(s, "log_checkpoints", f"must be true or false, got {self.log_checkpoints!r}")
-        _int(s, "save_every", self.save_every, 1)
-        _choice(s, "device", self.device, DEVICES)
-        _int(s, "threads", self.threads, 0)
-        if not isinstance(self.data_root, str):
-            _fail(s, "data_root", f"must be a string, got {self.data_root!r}")
+            raise ValueError("run.stop_split and run.stop_accuracy must be set together")
 
 
 SECTIONS: dict[str, type] = {
@@ -400,7 +304,9 @@ class TrainConfig:
             bad = sorted(set(values) - set(valid))
             if bad:
                 raise ValueError(f"unknown key {bad[0]!r} in section [{name}]; valid keys: {', '.join(valid)}")
-            sections[name] = kind(**{k: _coerce(v, field_type(name, k)) for k, v in values.items()})
+            # checked (and ints for float fields made floats) before construction, so the error names
+            # the section and key even where a type checker wraps the constructor (tests' jaxtyping hook)
+            sections[name] = kind(**validate(kind, values, f"{name}."))
         return cls(**sections)
 
     @classmethod
@@ -454,25 +360,8 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple) else value
 
 
-def _coerce(value: Any, type_text: str) -> Any:
-    """TOML and JSON write 4 for 4.0: give float fields floats (so a type-checked dataclass accepts them)."""
-    options = {t.strip() for t in type_text.split("|")}
-    if "float" in options and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if "list[float]" in options and isinstance(value, list | tuple):
-        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-    return value
-
-
 def section_keys(section: str) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
-
-
-def field_type(section: str, key: str) -> str:
-    for f in dataclasses.fields(SECTIONS[section]):
-        if f.name == key:
-            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    raise KeyError(key)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -493,61 +382,24 @@ def parse_assignment(text: str) -> tuple[str, str, Any]:
         raise ValueError(f"--set {dotted}: unknown key {key!r} in section [{section}]; "
                          f"valid keys: {', '.join(section_keys(section))}")
     try:
-        value = parse_value(raw.strip(), field_type(section, key))
+        value = parse(SECTIONS[section], key, raw.strip(), f"{section}.")
     except ValueError as err:
-        raise ValueError(f"--set {dotted}: {err}") from None
+        raise ValueError(f"--set {err}") from None
     return section, key, value
 
 
-def parse_value(raw: str, type_text: str) -> Any:
-    """Parse a command-line value by a dataclass field's type annotation (as text).
+def parse_value(raw: str, section: str, key: str) -> Any:
+    """Parse a command-line string as the value of ``section.key`` (by the field's declared type).
 
-    >>> parse_value("none", "int | None") is None, parse_value("1e-3", "float"), parse_value("yes", "bool")
-    (True, 0.001, True)
-    >>> parse_value("[1, 2, 4]", "list[int]"), parse_value("biases,norms", "list[str]")
+    >>> parse_value("none", "optim", "grad_clip") is None, parse_value("1e-3", "optim", "lr")
+    (True, 0.001)
+    >>> parse_value("yes", "optim", "orthograd"), parse_value("1e4", "run", "max_steps")
+    (True, 10000)
+    >>> parse_value("[1, 2, 4]", "eval", "iterations"), parse_value("biases,norms", "optim", "no_decay")
     ([1, 2, 4], ['biases', 'norms'])
-    >>> parse_value("x", "int")
+    >>> parse_value("x", "optim", "batch_size")
     Traceback (most recent call last):
     ...
-    ValueError: expected int, got 'x'
+    ValueError: optim.batch_size must be an integer >= 1, got 'x'
     """
-    options = [t.strip() for t in type_text.split("|")]
-    if "None" in options and raw.lower() in ("none", "null", ""):
-        return None
-    options = [t for t in options if t != "None"]
-    kind = options[0] if len(options) == 1 else None
-    if kind is None:
-        raise ValueError(f"cannot parse a value of type {type_text}")
-    if kind.startswith("list["):
-        inner = kind[5:-1]
-        body = raw.strip()
-        if body.startswith("[") and body.endswith("]"):
-            body = body[1:-1]
-        items = [item.strip().strip("'\"") for item in body.split(",") if item.strip()]
-        return [parse_value(item, inner) for item in items]
-    if kind == "bool":
-        low = raw.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {raw!r}")
-    if kind == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            try:
-                as_float = float(raw)
-            except ValueError:
-                raise ValueError(f"expected int, got {raw!r}") from None
-            if as_float.is_integer():  # "1e4"
-                return int(as_float)
-            raise ValueError(f"expected int, got {raw!r}") from None
-    if kind == "float":
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"expected a number, got {raw!r}") from None
-    if kind == "str":
-        return raw.strip("'\"")
-    raise ValueError(f"cannot parse a value of type {type_text}")
+    return parse(SECTIONS[section], key, raw.strip(), f"{section}.")
