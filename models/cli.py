@@ -13,6 +13,7 @@ Heavy imports (torch, pandas) happen inside the handlers so `looplens --help` st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="stop after this much wall-clock time (run.time_budget_minutes)")
     p.add_argument("--seed", type=int, metavar="S", help="training seed: init, batches, recurrence, dropout (run.seed)")
+    p.add_argument("--seeds", metavar="A-B", help="train one run per seed (A-B inclusive, or a comma list) as one "
+                   "batched model in this process, writing the run directory --out/seed-<s> for each")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--resume", action="store_true", help="continue --out from its last saved state")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
@@ -120,6 +123,8 @@ def train_command(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("--out is required (the run directory)")
     cfg = _config_from_args(args)
+    if args.seeds is not None:
+        return _train_seeds(args, cfg)
     if cfg is None:
         if not args.resume:
             raise ValueError("one of --preset or --config is required (or --resume to continue --out)")
@@ -130,7 +135,24 @@ def train_command(args: argparse.Namespace) -> int:
                    command=command)
     accs = " ".join(f"{k}={v:.3f}" for k, v in result.final.items())
     depth = f" learnable_depth={result.learnable_depth}" if result.learnable_depth is not None else ""
-    print(f"{result.path}: step {result.step} ({result.stop_reason}){depth} {accs}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports (docs/scale.md)
+        print(f"{result.path}: step {result.step} ({result.stop_reason}){depth} {accs}")
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace, cfg: Any) -> int:
+    from looplens.models.train.ensemble import parse_seeds, train_ensemble
+
+    if args.seed is not None or args.resume:
+        raise ValueError("--seeds excludes --seed and --resume (resume one seed: --out DIR/seed-<s> --resume)")
+    if cfg is None:
+        raise ValueError("--seeds needs --preset or --config")
+    command = ["looplens", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name == "looplens" else None
+    results = train_ensemble(cfg, parse_seeds(args.seeds), args.out, overwrite=args.overwrite,
+                             progress=not args.quiet, command=command)
+    for result in results:
+        accs = " ".join(f"{k}={v:.3f}" for k, v in result.final.items())
+        print(f"{result.path}: step {result.step} ({result.stop_reason}) {accs}")
     return 0
 
 
