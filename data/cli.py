@@ -98,6 +98,8 @@ def register(subparsers: Any) -> None:
     exp.add_argument("dataset", metavar="DIR", help="looplens dataset directory")
     exp.add_argument("--out", metavar="DST", required=True, help="directory to create (required)")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    exp.add_argument("--diagnostics", action="store_true", help="also write our first- and second-hop-OOD splits "
+                     "to test.json (default: exactly the paper's types)")
     exp.set_defaults(func=export_command)
 
 
@@ -151,7 +153,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     from looplens.data.grokked import export_grokked
 
-    dst = export_grokked(args.dataset, args.out, overwrite=args.overwrite)
+    dst = export_grokked(args.dataset, args.out, overwrite=args.overwrite, diagnostics=args.diagnostics)
     sizes = {name: len(json.loads((Path(dst) / name).read_text())) for name in
              ("train.json", "valid.json", "test.json", "vocab.json")}
     print(f"wrote {dst}: " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()))

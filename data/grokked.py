@@ -16,8 +16,14 @@ Type names <-> our split names: composition ``id_atomic``, ``ood_atomic``, ``tra
 ``test_inferred_first_ood`` / ``test_inferred_second_ood``; depth ``{k}hop_test`` -> ``test``,
 ``atomic_facts`` and ``{k}hop_train`` -> ``train_eval``.
 
-An export also writes ``looplens.json`` (our config; the upstream loaders ignore unknown files), so
-export -> import gives back the same config and byte-identical splits.
+An export writes exactly the paper's test.json types (composition: ``id_atomic``, ``ood_atomic``,
+``train_inferred``, ``test_inferred_iid``, ``test_inferred_ood``); ``diagnostics=True`` adds our first- and
+second-hop-OOD splits. An import rebuilds those two diagnostic splits when test.json lacks them: with our
+``looplens.json`` exactly as generation made them (same OOD facts, same caps), else from the data alone,
+an atomic fact counting as OOD when no trained 2-hop fact uses it as either hop. An export also writes
+``looplens.json`` (our config; the upstream loaders ignore unknown files), so export -> import gives back
+the same config and byte-identical splits. An imported dataset may not take the directory name the
+trainer gives a generated dataset of the same settings (``<task>-<world>-<checksum>``).
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import numpy as np
 from looplens.data.config import DataConfig
 from looplens.data.facts import PAD, Facts
 from looplens.data.provenance import atomic_dir
+from looplens.data.sampling import rng_for, sample_rows, sample_without_replacement
 from looplens.data.storage import Dataset, load_dataset, sha256_bytes, write_dataset
-from looplens.data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, Generated
+from looplens.data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, Generated, _sample_category, _TwoHopIndex
 from looplens.data.vocab import Vocab
 from looplens.data.worlds import MISSING, World
 
@@ -50,6 +57,7 @@ COMPOSITION_TYPES = {  # upstream type -> our split
     "test_inferred_second_ood": "test_inferred_second_ood",
 }
 _EXPORT_TYPES = {"test_inferred_id": "test_inferred_iid"}  # our split -> upstream type, where they differ
+DIAGNOSTIC_SPLITS = {"test_inferred_first_ood": (True, False), "test_inferred_second_ood": (False, True)}  # OOD hops
 _HOP_TYPE = re.compile(r"(\d+)hop_(train|test)")
 _TOKEN = re.compile(r"<([er])_(\d+)>")
 _INPUT = re.compile(r"(?:<[er]_\d+>)+")
@@ -81,13 +89,17 @@ def _hop_types(ds: Dataset, split: str, suffix: str, atomic: str) -> list[str]:
     return [atomic if h == 1 else f"{h}hop_{suffix}" for h in ds.rows(split)["hops"].tolist()]
 
 
-def export_grokked(dataset: Dataset | str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``dataset`` in the GrokkedTransformer / Loop-Think-Generalize format to ``dst`` (atomically)."""
+def export_grokked(dataset: Dataset | str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False,
+                   diagnostics: bool = False) -> Path:
+    """Write ``dataset`` in the GrokkedTransformer / Loop-Think-Generalize format to ``dst`` (atomically).
+
+    test.json holds exactly the paper's types; ``diagnostics`` adds the first- / second-hop-OOD splits.
+    """
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     dst = Path(dst)
     if ds.config.task == "composition":
         train = _items(ds, "train", None)
-        test = [item for split in ds.split_names if split != "train"
+        test = [item for split in ds.split_names if split != "train" and (diagnostics or split not in DIAGNOSTIC_SPLITS)
                 for item in _items(ds, split, _EXPORT_TYPES.get(split, split))]
         valid = _items(ds, "test_inferred_ood", None) if "test_inferred_ood" in ds.split_names else []
     else:
@@ -261,6 +273,19 @@ def import_grokked(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite
     max_hops = int(max(train.hops.max(initial=1), test.hops.max(initial=1)))
 
     config = _config(sidecar, task, world, splits, max_hops)
+    if out_dir.name == config.dirname():
+        raise ValueError(f"import-grokked: --out {out_dir}: {out_dir.name!r} is the directory name the trainer gives "
+                         f"a generated dataset of these settings; name the imported one differently (e.g. "
+                         f"{config.task}-{config.world}-imported-{config.checksum()})")
+    rebuilt = {}
+    if task == "composition":
+        missing = [n for n in DIAGNOSTIC_SPLITS if n not in set(target)]
+        if missing:
+            rebuilt_splits, how = _diagnostic_splits(world, splits, config, from_config=sidecar is not None)
+            for name in missing:
+                splits[name] = rebuilt_splits[name]
+                rebuilt[name] = how
+            names = [n for n in COMPOSITION_SPLITS if n in splits]
     train_keys = set(splits["train"].query_keys(max_hops).tolist())
     overlap = {n: int(sum(k in train_keys for k in s.query_keys(max_hops).tolist()))
                for n, s in splits.items() if n != "train" and n not in ("id_atomic", "ood_atomic", "train_inferred",
@@ -276,12 +301,61 @@ def import_grokked(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite
         "test_types": dict(sorted(Counter(test_types).items())),
         "rows_with_unknown_bridges": unknown,
         "test_rows_also_in_train": overlap,
+        "rebuilt_splits": rebuilt,
         "args": ["import-grokked", str(src)],
     }
     counts = {"atomic": world.n_facts}
     generated = Generated(world, splits, counts, max_hops=max(max_hops, 2))
     return write_dataset(out_dir, config=config, generated=generated, split_names=names, origin=origin,
                          overwrite=overwrite)
+
+
+def _ood_by_generation(world: World, config: DataConfig) -> np.ndarray:
+    """The OOD atomic facts exactly as data.tasks.composition_splits draws them (same seed, same order)."""
+    n_atomic = world.n_facts
+    ood = np.zeros(n_atomic, dtype=bool)
+    ood[sample_without_replacement(rng_for(config.seed, "composition/ood"), n_atomic,
+                                   round(config.ood_fraction * n_atomic))] = True
+    return ood
+
+
+def _ood_by_usage(world: World, train: Facts) -> np.ndarray:
+    """Atomic facts that no trained 2-hop fact uses as either hop (the paper's "never composed")."""
+    heads, relations, _ = world.facts()
+    keys = heads * world.n_relations + relations
+    two = train.take(train.hops == 2)
+    if not len(two):  # no compositions trained: every fact is OOD
+        return np.ones(len(keys), dtype=bool)
+    first = two.heads * world.n_relations + two.relations[:, 0]
+    bridge = two.bridges[:, 0]
+    known = bridge != PAD
+    second = bridge[known] * world.n_relations + two.relations[known, 1]
+    return ~np.isin(keys, np.concatenate([first, second]))
+
+
+def _diagnostic_splits(world: World, splits: dict[str, Facts], config: DataConfig, from_config: bool
+                       ) -> tuple[dict[str, Facts], str]:
+    """First-hop-OOD and second-hop-OOD 2-hop facts (capped at eval_max as generation caps them), and how
+    the OOD facts were found."""
+    ood, how = None, "ood facts: atomic facts no trained 2-hop fact uses"
+    if from_config:
+        ood = _ood_by_generation(world, config)
+        heads, relations, _ = world.facts()
+        keys = heads * world.n_relations + relations
+        listed = splits.get("ood_atomic")
+        if listed is not None and not np.isin(listed.heads * world.n_relations + listed.relations[:, 0],
+                                               keys[ood]).all():
+            ood = None  # the config does not reproduce this data's OOD facts: use the data alone
+        else:
+            how = "ood facts: as generation draws them (looplens.json config)"
+    if ood is None:
+        ood = _ood_by_usage(world, splits["train"])
+    out = {}
+    for name, (first_ood, second_ood) in DIAGNOSTIC_SPLITS.items():
+        index = _TwoHopIndex(world, ood, first_ood, second_ood)
+        ranks = sample_rows(rng_for(config.seed, f"composition/eval/{name}"), index.total, config.eval_max)
+        out[name] = _sample_category(index, ranks).sorted()
+    return out, how
 
 
 def _assign_splits(types: list[str | None]) -> tuple[str, list[str]]:

@@ -161,6 +161,9 @@ def ensure_dataset(cfg: DataConfig, root: str | os.PathLike) -> Dataset:
             if not (path / META).exists():  # not a concurrent build that finished first
                 raise
     ds = load_dataset(path)
+    if ds.imported:  # never stand in for the generated dataset of this config
+        raise ValueError(f"dataset {path} was imported ({ds.meta['origin'].get('format')}), not generated from its "
+                         f"config; move it to another name (e.g. {ds.dirname}) so this config can be generated here")
     if ds.config != cfg:
         raise ValueError(f"dataset {path}: its meta.json config differs from the requested one; remove the directory")
     return ds
@@ -232,6 +235,19 @@ class Dataset:
         self.max_hops: int = int(meta["max_hops"])
         self.checksum: str = dataset_checksum(meta)
         self._encoded: dict[str, EncodedSplit] = {}
+
+    @property
+    def imported(self) -> bool:
+        """Converted from another format (``looplens data import-grokked``), not generated from the config."""
+        return self.meta.get("origin", {}).get("kind") == "imported"
+
+    @property
+    def dirname(self) -> str:
+        """A directory name for this dataset: ``<task>-<world>-<config checksum>`` (where the trainer caches a
+        generated one) or, imported, ``<task>-<world>-imported-<dataset checksum>``, so the two never collide."""
+        if self.imported:
+            return f"{self.config.task}-{self.config.world}-imported-{self.checksum[:12]}"
+        return self.config.dirname()
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{n}={self.meta['splits'][n]['count']}" for n in self.split_names)

@@ -480,7 +480,7 @@ def import_run(
         (tmp / "metrics.csv").write_text(",".join(METRICS_COLUMNS) + "\n", encoding="utf-8")
         write_json(paths.config, {
             "format": RUN_FORMAT, "name": out.name, "config": train_cfg.to_dict(), "model_config": cfg.to_dict(),
-            "dataset": {"path": str(Path(ds.path).resolve()), "checksum": ds.checksum, "dirname": Path(ds.path).name,
+            "dataset": {"path": str(Path(ds.path).resolve()), "checksum": ds.checksum, "dirname": ds.dirname,
                         "split_names": ds.split_names, "max_hops": ds.max_hops},
             "eval": {"splits": eval_names, "iterations": [n_iterations]},
             "provenance": {**provenance(), "seed": None, "device": "cpu", "device_name": "cpu", "torch_threads": None},
