@@ -93,6 +93,10 @@ def register(subparsers: Any) -> None:
                    help="runs trained at once, one process each (CPU: one thread each; GPU: sharing the device)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="trainer override applied to every run before the intervention's own (repeatable)")
+    g.add_argument("--dry-run", action="store_true", help="print the grid's runs and expected GPU time, train nothing")
+    from looplens.analyses.launch import add_launcher_arguments  # stdlib only: cheap
+
+    add_launcher_arguments(s.add_argument_group("launcher (where the grid's runs train; docs/scale.md)"))
     s.set_defaults(func=study_command)
 
     r = subparsers.add_parser(
@@ -109,6 +113,9 @@ def register(subparsers: Any) -> None:
     r.add_argument("--overwrite", action="store_true", help="delete an existing reproduce --out and start over")
     r.add_argument("--dry-run", action="store_true", help="print the runs and stages, do nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars or stage lines; one line at the end")
+    from looplens.analyses.launch import add_launcher_arguments  # stdlib only: cheap
+
+    add_launcher_arguments(r.add_argument_group("launcher (where the runs train; docs/scale.md)"), jobs=True)
     r.set_defaults(func=reproduce_command)
 
     p = subparsers.add_parser(
@@ -147,9 +154,24 @@ def grokking_speed_command(args: argparse.Namespace) -> int:
         extra.append(f"run.device={args.device}")
     if args.jobs > 1:  # one CPU thread per run process (ignored for CUDA training)
         extra.append("run.threads=1")
+    from looplens.analyses.launch import launcher_from_args
+
+    launcher = launcher_from_args(args, check=not args.dry_run)
+    if args.dry_run:
+        grid = grokking_speed.plan_grid(args.out, base=args.base, interventions=names, seeds=seeds,
+                                        max_steps=args.max_steps, time_budget_minutes=args.time_budget,
+                                        extra_overrides=extra)
+        jobs = [launcher.job(run_dir.name, run_dir, cfg) for _, _, run_dir, cfg, _ in grid]
+        for (_, _, run_dir, _, overrides), job in zip(grid, jobs):
+            print(f"  run {run_dir.name}: looplens train --preset {args.base} "
+                  + " ".join(f"--set {o}" for o in overrides) + f"   # {job.cpus:g} CPU, {job.gpus:g} GPU")
+        _print_gpu_hours(jobs)
+        return 0
+    log = None if args.quiet else (lambda line: print(line, flush=True))
     table = grokking_speed.run_grid(args.out, base=args.base, interventions=names, seeds=seeds,
                                     max_steps=args.max_steps, time_budget_minutes=args.time_budget,
-                                    extra_overrides=extra, jobs=args.jobs, progress=not args.quiet)
+                                    extra_overrides=extra, jobs=args.jobs, progress=not args.quiet,
+                                    launcher=launcher, log=log)
     summary = grokking_speed.write_report(args.out, table, "looplens " + shlex.join(sys.argv[1:]), png=args.png)
     print(f"{summary}: {len(table)} runs")
     return 0
@@ -202,6 +224,9 @@ def reproduce_command(args: argparse.Namespace) -> int:
         plan = plan.with_extra(extra, options)
     for spec in plan.runs:  # fail early on a bad --set or a missing trainer preset
         spec.config(plan.extra_overrides)
+    from looplens.analyses.launch import launcher_from_args
+
+    launcher = launcher_from_args(args, check=not args.dry_run)
     if args.dry_run:
         print(f"reproduce preset {plan.name}: {plan.description}")
         print(f"budget: {plan.budget}")
@@ -211,10 +236,12 @@ def reproduce_command(args: argparse.Namespace) -> int:
         for study, runs in plan.studies:
             print(f"  study {study:<14} on {', '.join(runs)}")
         print(f"  stages: {len(plan.stages())} ({', '.join(plan.stages())})")
+        _print_gpu_hours([launcher.job(s.name, Path(args.out) / "runs" / s.name, s.config(plan.extra_overrides))
+                          for s in plan.runs])
         return 0
     try:
         result = reproduce(plan, args.out, progress=not args.quiet, overwrite=args.overwrite,
-                           log=None if args.quiet else lambda line: print(line, flush=True))
+                           log=None if args.quiet else lambda line: print(line, flush=True), launcher=launcher)
     except ReproduceInterrupted as err:
         print(f"looplens reproduce: {err}", file=sys.stderr)
         return 3
@@ -222,6 +249,19 @@ def reproduce_command(args: argparse.Namespace) -> int:
     print(f"{result.report} ({len(result.executed)} stages run, {len(result.skipped)} skipped, "
           f"{result.seconds:.0f} s); claims {verdicts}; summary {result.summary}")
     return 0
+
+
+def _print_gpu_hours(jobs: list) -> None:
+    """The dry run's GPU-time plan: per run and in total, at the measured throughput (analyses.launch)."""
+    from looplens.analyses.launch import format_plan, load_throughput, plan_table
+
+    try:
+        throughput = load_throughput()
+    except (FileNotFoundError, ValueError) as err:
+        print(f"  (no GPU-time estimate: {err})")
+        return
+    for line in format_plan(plan_table(jobs, throughput), throughput):
+        print(line)
 
 
 def expand_runs(paths: list[str]) -> list[Path]:

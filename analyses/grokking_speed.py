@@ -99,6 +99,40 @@ def first_reach(metrics: pd.DataFrame, split: str, target: float, iterations: in
     return float(hit["step"].iloc[0]), float(hit["epoch"].iloc[0])
 
 
+def _ladder(base_cfg) -> dict[str, Intervention]:
+    return interventions_for(base_cfg.optim.lr, base_cfg.data.phi, base_cfg.optim.batch_size,
+                             base_cfg.model.n_blocks * base_cfg.train_iterations)
+
+
+def plan_grid(out: str | Path, *, base: str = "tiny-composition-paper", interventions: Sequence[str] | None = None,
+              seeds: Sequence[int] = (0,), max_steps: int | None = None, time_budget_minutes: float | None = None,
+              extra_overrides: Sequence[str] = ()) -> list[tuple]:
+    """The grid :func:`run_grid` trains: (intervention, seed, run_dir, config, overrides) per run, every
+    intervention's control included."""
+    from looplens.models.train import preset
+
+    base_cfg = preset(base)
+    ladder = _ladder(base_cfg)
+    names = list(interventions or ladder)
+    unknown = [n for n in names if n not in ladder]
+    if unknown:
+        raise ValueError(f"unknown intervention(s) {unknown}; known: {', '.join(ladder)}")
+    for name in list(names):  # every intervention needs its control in the grid
+        if ladder[name].control not in names:
+            names.append(ladder[name].control)
+    grid = []
+    for name in names:
+        for seed in seeds:
+            overrides = [*extra_overrides, *ladder[name].overrides, f"run.seed={seed}"]
+            if max_steps is not None:
+                overrides.append(f"run.max_steps={max_steps}")
+            if time_budget_minutes is not None:
+                overrides.append(f"run.time_budget_minutes={time_budget_minutes}")
+            grid.append((name, seed, Path(out) / "runs" / f"{name}-s{seed}", base_cfg.with_overrides(overrides),
+                         overrides))
+    return grid
+
+
 def run_grid(
     out: str | Path,
     *,
@@ -112,71 +146,40 @@ def run_grid(
     ood_target: float = 0.5,
     jobs: int = 1,
     progress: bool = True,
+    launcher=None,
+    log=None,
 ) -> pd.DataFrame:
     """Train (or reuse) every (intervention, seed) run under ``out/runs`` and return the per-run table.
 
     ``jobs`` > 1 trains that many runs at once, each in its own process (spawned; on CPU give each one
     thread with ``extra_overrides=["run.threads=1"]``; on a GPU the runs share the device). Progress bars
     are off for parallel runs. ``extra_overrides`` apply to every run before the intervention's own.
+    ``launcher`` (analyses.launch, e.g. Ray) replaces the local ``jobs`` processes; ``log`` gets its
+    per-run lines and summary.
 
     Columns: intervention, control, seed, run, steps, epochs, wall_seconds, steps_per_second,
     steps_to_id, epochs_to_id, seconds_to_id, steps_to_ood, epochs_to_ood, seconds_to_ood,
     final_id, final_ood, final_first_ood, final_second_ood, final_train, final_ood_atomic, overrides.
     """
+    from looplens.analyses.launch import LocalLauncher
     from looplens.models.train import load_run, preset
 
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    base_cfg = preset(base)
-    ladder = interventions_for(base_cfg.optim.lr, base_cfg.data.phi, base_cfg.optim.batch_size,
-                               base_cfg.model.n_blocks * base_cfg.train_iterations)
-    names = list(interventions or ladder)
-    unknown = [n for n in names if n not in ladder]
-    if unknown:
-        raise ValueError(f"unknown intervention(s) {unknown}; known: {', '.join(ladder)}")
-    for name in list(names):  # every intervention needs its control in the grid
-        if ladder[name].control not in names:
-            names.append(ladder[name].control)
+    launcher = launcher or LocalLauncher(jobs=jobs)
+    grid = plan_grid(out, base=base, interventions=interventions, seeds=seeds, max_steps=max_steps,
+                     time_budget_minutes=time_budget_minutes, extra_overrides=extra_overrides)
+    ladder = _ladder(preset(base))
     out = Path(out)
-    grid = []
-    for name in names:
-        for seed in seeds:
-            overrides = [*extra_overrides, *ladder[name].overrides, f"run.seed={seed}"]
-            if max_steps is not None:
-                overrides.append(f"run.max_steps={max_steps}")
-            if time_budget_minutes is not None:
-                overrides.append(f"run.time_budget_minutes={time_budget_minutes}")
-            grid.append((name, seed, out / "runs" / f"{name}-s{seed}", base_cfg.with_overrides(overrides), overrides))
-    todo = [(cfg, run_dir) for _, _, run_dir, cfg, _ in grid if not _finished(run_dir)]
-    if jobs == 1 or len(todo) <= 1:
-        for cfg, run_dir in todo:
-            _train_one(cfg, run_dir, progress)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(_train_one, cfg, run_dir, False) for cfg, run_dir in todo]:
-                future.result()  # re-raises a run's error here
+    # finished runs are skipped, half-finished ones resume (analyses.launch.train_run)
+    launcher.run([launcher.job(run_dir.name, run_dir, cfg) for _, _, run_dir, cfg, _ in grid], log=log,
+                 progress=progress)
     rows = [_row(load_run(run_dir), name, ladder[name], seed, overrides, id_target, ood_target)
             for name, seed, run_dir, _, overrides in grid]
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
     return table
-
-
-def _finished(run_dir: Path) -> bool:
-    from looplens.models.train import load_run
-
-    return (run_dir / "config.json").exists() and load_run(run_dir).ended
-
-
-def _train_one(cfg, run_dir: Path, progress: bool) -> None:
-    """Train (or continue) one grid run; top level so a spawned worker process can run it."""
-    from looplens.models.train import train
-
-    train(cfg, run_dir, resume=run_dir.exists(), progress=progress)
 
 
 def _row(run, name: str, intervention: Intervention, seed: int, overrides: list[str], id_target: float,

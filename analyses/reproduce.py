@@ -280,27 +280,10 @@ class ReproduceResult:
     verdicts: dict[int, str]
 
 
-def _train_stage(spec: RunSpec, plan: Plan, out: Path, progress: bool) -> dict[str, Any]:
-    from looplens.models.train import load_run, train
-
-    run_dir = out / "runs" / spec.name
-    cfg = spec.config(plan.extra_overrides)
-    if (run_dir / "config.json").exists():
-        run = load_run(run_dir)
-        # a run that ended before the kill (max_steps, a final stop or its time cap) is not trained again:
-        # resuming it would evaluate again, or train another time budget
-        if run.ended:
-            summary = run.summary
-            result_step, reason = summary["final_step"], summary.get("stop_reason")
-        else:
-            result = train(cfg, run_dir, resume=True, progress=progress)
-            result_step, reason = result.step, result.stop_reason
-    else:
-        if run_dir.exists():  # killed before the trainer wrote anything useful
-            shutil.rmtree(run_dir)
-        result = train(cfg, run_dir, progress=progress)
-        result_step, reason = result.step, result.stop_reason
-    return {"step": result_step, "stop_reason": reason}
+def _train_jobs(plan: Plan, out: Path, names: Sequence[str], launcher):
+    """The launcher's jobs for the named runs (analyses.launch.train_run trains, resumes or skips each)."""
+    return [launcher.job(spec.name, out / "runs" / spec.name, spec.config(plan.extra_overrides))
+            for spec in plan.runs if spec.name in names]
 
 
 def _study_stage(name: str, run_names: Sequence[str], plan: Plan, out: Path, progress: bool) -> dict[str, Any]:
@@ -332,15 +315,18 @@ def _report_stage(plan: Plan, out: Path, ledger: Ledger) -> dict[str, Any]:
 
 def reproduce(plan: Plan | str, out: str | os.PathLike, *, progress: bool = True, overwrite: bool = False,
               log: Callable[[str], None] | None = print, after_stage: Callable[[str], None] | None = None,
-              threads: int | None = 1) -> ReproduceResult:
+              threads: int | None = 1, launcher=None) -> ReproduceResult:
     """Execute a plan (or a preset name) into ``out``; see the module docstring.
 
     ``log`` gets one line per stage (None: silent). ``after_stage(stage)`` is called after each executed
     stage has been recorded (tests raise there to simulate a kill). ``threads``: torch CPU threads while
     the studies run (the trainer sets its own from run.threads); None leaves torch's setting.
+    ``launcher`` (analyses.launch; default: local, in this process, one run after another) trains every
+    pending run of the plan at once; each run's stage is recorded as it finishes.
     """
     import torch
     from looplens.analyses.claims import judge_claims
+    from looplens.analyses.launch import LocalLauncher
     from looplens.analyses.studies.base import as_runs, load_findings
 
     plan = plan_for(plan) if isinstance(plan, str) else plan
@@ -359,35 +345,48 @@ def reproduce(plan: Plan | str, out: str | os.PathLike, *, progress: bool = True
     try:
         if threads:
             torch.set_num_threads(threads)
-        for i, stage in enumerate(stages, start=1):
-            head = f"[{i}/{len(stages)}] {stage}"
-            if ledger.done(stage):
-                skipped.append(stage)
-                if log:
-                    log(f"{head}: done earlier, skipped")
-                continue
-            if log:
-                log(f"{head} ...")
-            t0 = time.monotonic()
-            kind, _, name = stage.partition(":")
-            if kind == "train":
-                spec = next(r for r in plan.runs if r.name == name)
-                info = _train_stage(spec, plan, out, progress)
-            elif kind == "study":
-                info = _study_stage(name, dict(plan.studies)[name], plan, out, progress)
-            else:
-                info = _report_stage(plan, out, ledger)
-            seconds = time.monotonic() - t0
+        index = {stage: i for i, stage in enumerate(stages, start=1)}
+
+        def record(stage: str, seconds: float, info: dict[str, Any]) -> None:
+            i = index[stage]
             ledger.mark(stage, seconds, **info)
             executed.append(stage)
-            if log:
-                extra = f" (step {info['step']}, {info['stop_reason']})" if kind == "train" else ""
-                log(f"{head}: done in {seconds:.1f} s{extra}")
+            if log and not stage.startswith("train:"):  # the launcher logs each run's line
+                log(f"[{i}/{len(stages)}] {stage}: done in {seconds:.1f} s")
             if after_stage is not None:
                 after_stage(stage)
             if stop_after is not None and len(executed) >= stop_after and i < len(stages):
                 raise ReproduceInterrupted(f"stopped after {len(executed)} stage(s) ({STOP_ENV}={stop_after}); "
                                            "run the same command again to continue")
+
+        for i, stage in enumerate(stages, start=1):
+            head = f"[{i}/{len(stages)}] {stage}"
+            if stage in executed:  # trained together with the plan's other runs, below
+                continue
+            if ledger.done(stage):
+                skipped.append(stage)
+                if log:
+                    log(f"{head}: done earlier, skipped")
+                continue
+            kind, _, name = stage.partition(":")
+            if kind == "train":
+                # every pending run goes to the launcher at once (local default: here, one after another)
+                pending = [s.partition(":")[2] for s in stages if s.startswith("train:") and not ledger.done(s)]
+                launcher = launcher or LocalLauncher()
+                launcher.run(
+                    _train_jobs(plan, out, pending, launcher), log=log, progress=progress,
+                    on_done=lambda job, res: record(f"train:{job.name}", res.seconds, {
+                        "step": res.step, "stop_reason": res.stop_reason,
+                        **({"attempts": res.attempts} if res.attempts > 1 else {})}))
+                continue
+            if log:
+                log(f"{head} ...")
+            t0 = time.monotonic()
+            if kind == "study":
+                info = _study_stage(name, dict(plan.studies)[name], plan, out, progress)
+            else:
+                info = _report_stage(plan, out, ledger)
+            record(stage, time.monotonic() - t0, info)
     finally:
         if threads:
             torch.set_num_threads(old_threads)
