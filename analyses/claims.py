@@ -283,6 +283,7 @@ _COMMON_KEYS = ("model.d_model", "model.n_heads", "model.d_head", "model.d_mlp",
 LOOP_ONLY = ("model.n_iterations", "model.n_blocks", "model.feedback", "model.input_injection",
              "recurrence.supervise", "recurrence.mode", "recurrence.mean", "recurrence.min", "recurrence.max",
              "recurrence.sigma", "recurrence.backprop_last", "model.seed")
+_DERIVED = ("model.d_head", "model.d_mlp", "model.embed_dropout")
 _LOOP_ONLY_LABELS = {"model.feedback": "readout feedback", "recurrence.supervise": "intermediate supervision",
                      "model.input_injection": "input injection", "recurrence.mode": "sampled iteration counts",
                      "recurrence.backprop_last": "truncated backprop"}
@@ -363,13 +364,15 @@ def run_differences(config: Any) -> Differences:
     task = cfg.data.task
     diff = Differences()
     m = cfg.model
-    if m.feedback:
+    looped = cfg.train_iterations > 1 or cfg.recurrence.mode != "fixed"
+    # feedback and per-iteration supervision act between iterations: inert in a one-iteration model
+    if m.feedback and looped:
         diff.core.append(f"readout feedback (model.feedback={_short_value(m.feedback)})")
-    if cfg.recurrence.supervise != "last":
+    if cfg.recurrence.supervise != "last" and looped:
         diff.core.append(f"intermediate supervision (recurrence.supervise={cfg.recurrence.supervise})")
     if m.n_prelude or m.n_coda:
         diff.core.append(f"blocks outside the loop (prelude {m.n_prelude}, coda {m.n_coda})")
-    if m.input_injection != "none":
+    if m.input_injection != "none" and looped:
         diff.core.append(f"input injection ({m.input_injection})")
     if cfg.optim.loss != "softmax":
         diff.core.append(f"loss {cfg.optim.loss} (paper softmax cross-entropy)")
@@ -377,6 +380,8 @@ def run_differences(config: Any) -> Differences:
         diff.core.append(f"world {cfg.data.world} (paper {PAPER_WORLD[task]})")
     refs = _paper_references(task)
     for key in (*_RECIPE_KEYS[task], *_COMMON_KEYS):
+        if getattr(m, key.removeprefix("model."), 0) is None and key in _DERIVED:
+            continue  # follows another setting (d_head, d_mlp from d_model; embed_dropout from dropout)
         mine = _effective(cfg, key)
         paper = []
         for ref in refs:
@@ -385,7 +390,6 @@ def run_differences(config: Any) -> Differences:
                 paper.append(value)
         if mine not in paper:
             diff.other.append(f"{key}={_short_value(mine)} (paper {' or '.join(_short_value(v) for v in paper)})")
-    looped = cfg.train_iterations > 1 or cfg.recurrence.mode != "fixed"
     blocks = (4,) if looped else PAPER_VANILLA_BLOCKS[task]
     if m.n_blocks not in blocks:
         diff.other.append(f"model.n_blocks={m.n_blocks} (paper {' or '.join(map(str, blocks))})")
@@ -420,7 +424,10 @@ def _with_fidelity(result: ClaimResult, configs: Mapping[str, Any] | None) -> Cl
     """Fill the row's differences from the judged runs' configs; a "reproduced" verdict on runs with a core
     difference becomes "reproduced with modifications"."""
     diffs = {name: run_differences(None if configs is None else configs.get(name)) for name in result.runs}
-    result.differences = [f"{name}: {d.text()}" for name, d in diffs.items()]
+    grouped: dict[str, list[str]] = {}  # runs with the same differences share one entry
+    for name, d in diffs.items():
+        grouped.setdefault(d.text(), []).append(name)
+    result.differences = [f"{', '.join(names)}: {text}" for text, names in grouped.items()]
     if result.verdict == REPRODUCED and any(d.core for d in diffs.values()):
         result.verdict = REPRODUCED_MODIFIED
     return result
