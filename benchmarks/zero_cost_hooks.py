@@ -1,0 +1,142 @@
+"""Benchmark (issue 16.1): a LoopedTransformer with no hooks attached vs the same model as plain PyTorch.
+
+    OMP_NUM_THREADS=1 python benchmarks/zero_cost_hooks.py        # writes benchmarks/results/zero_cost_hooks.json
+    python benchmarks/zero_cost_hooks.py --sizes tiny --repeats 9
+
+Two sizes, sequence length 3, one CPU thread: "tiny" (d_model 128, 4 heads, 1 block x 4 iterations,
+batch 256, 80 tokens) and "paper" (d_model 768, 12 heads, 4 blocks x 4 iterations, batch 32, the
+paper's 2,203-token composition vocabulary). The reference is benchmarks/nanogpt_reference.py loaded
+with the looplens model's weights; the logits are asserted equal before timing.
+
+Timed, interleaved (each repetition runs every variant once, so all see the same machine load), medians
+over --repeats of the mean of --inner calls:
+- forward: eval mode, no_grad, logits at every position;
+- train step: answer loss at the last position, backward, AdamW step (each model its own optimizer).
+The target is looplens / reference <= 1.05 for both. The load average is recorded.
+Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from looplens.models import LoopedConfig, LoopedTransformer  # noqa: E402
+from nanogpt_reference import from_looplens  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "zero_cost_hooks.json"
+SIZES = {
+    "tiny": {"d_vocab": 80, "d_model": 128, "n_heads": 4, "n_blocks": 1, "n_iterations": 4, "batch": 256},
+    "paper": {"d_vocab": 2203, "d_model": 768, "n_heads": 12, "n_blocks": 4, "n_iterations": 4, "batch": 32},
+}
+N_POS = 3
+
+
+def build(size: str, seed: int = 0):
+    s = SIZES[size]
+    cfg = LoopedConfig(d_vocab=s["d_vocab"], n_ctx=N_POS, d_model=s["d_model"], n_heads=s["n_heads"],
+                       n_blocks=s["n_blocks"], n_iterations=s["n_iterations"], seed=seed)
+    model = LoopedTransformer(cfg)
+    ref = from_looplens(model)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, s["d_vocab"], (s["batch"], N_POS), generator=gen)
+    targets = torch.randint(1, s["d_vocab"], (s["batch"],), generator=gen)
+    return model, ref, tokens, targets
+
+
+def _timed(fn, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def measure(size: str, repeats: int, inner: int) -> dict:
+    model, ref, tokens, targets = build(size)
+    with torch.no_grad():
+        diff = (model(tokens) - ref(tokens)).abs().max().item()
+    assert diff < 1e-4, f"{size}: looplens and the reference disagree by {diff}"
+    opt_model = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+    def fwd_looplens():
+        with torch.no_grad():
+            model(tokens)
+
+    def fwd_ref():
+        with torch.no_grad():
+            ref(tokens)
+
+    def step_looplens():
+        loss = model(tokens, return_type="loss", targets=targets)
+        opt_model.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_model.step()
+
+    def step_ref():
+        loss = F.cross_entropy(ref(tokens)[:, -1].float(), targets)
+        opt_ref.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ref.step()
+
+    variants = {"forward_looplens": fwd_looplens, "forward_reference": fwd_ref,
+                "step_looplens": step_looplens, "step_reference": step_ref}
+    model.eval(), ref.eval()  # no dropout either way; eval mode as analyses run
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_timed(fn, inner))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "size": size, **SIZES[size], "n_pos": N_POS, "max_abs_logit_diff": diff,
+        "median_seconds": {k: round(v, 6) for k, v in med.items()},
+        "forward_ratio": round(med["forward_looplens"] / med["forward_reference"], 3),
+        "step_ratio": round(med["step_looplens"] / med["step_reference"], 3),
+        "raw_seconds": times,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--inner", type=int, default=3)
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    results = []
+    for size in args.sizes:
+        res = measure(size, args.repeats, args.inner)
+        results.append(res)
+        print(f"{size:<6} forward {res['forward_ratio']:.3f}x  train step {res['step_ratio']:.3f}x  "
+              f"(looplens / plain PyTorch; {res['median_seconds']})", flush=True)
+    report = {
+        "command": "python benchmarks/zero_cost_hooks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": 1, "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
