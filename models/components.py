@@ -206,6 +206,9 @@ class TransformerBlock(_UsesParams):
     hook_resid_mid, ln2.*, mlp.*, hook_mlp_out, hook_resid_post.
     """
 
+    # TL 4.x's cache.logit_lens asks: hook_resid_post is the one residual stream (what ln_final reads).
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: LoopedConfig, params: BlockParams, own: bool = False):
         super().__init__(params, own)
         self.ln1 = LayerNorm(cfg, params.ln1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from looplens.models.components import BlockParams, IterationHooks, TransformerBlock
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
@@ -298,6 +298,24 @@ class HookedLoopedModel(HookedRootModule):
         """A read-only view of this model whose ``cfg.n_layers`` is that of a run of ``n_iterations``."""
         return ModelAtIterations(self, self._check_iterations(n_iterations))
 
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True,
+                         *, n_iterations: int | None = None) -> Float[Tensor, " d_model"]:
+        """TransformerLens's ``accumulated_bias``: the sum of the output biases (attention b_O, and MLP
+        b_out when ``include_mlp_biases``) of virtual layers 0..layer-1 of a run of ``n_iterations``
+        (plus layer's b_O when ``mlp_input``). Used by ``ActivationCache.get_full_resid_decomposition``."""
+        T = self._check_iterations(n_iterations)
+        n_layers = self.cfg.n_virtual_layers(T)
+        if not 0 <= layer <= n_layers or (mlp_input and layer == n_layers):
+            raise ValueError(f"accumulated_bias: layer must be in [0, {n_layers}] ({n_layers - 1} with mlp_input) "
+                             f"for {T} iterations, got {layer}")
+        bias = torch.zeros(self.cfg.d_model, device=self.W_E.device, dtype=self.W_E.dtype)
+        for v in range(layer):
+            params = self._weights_of(v, T)
+            bias = bias + params.attn.b_O + (params.mlp.b_out if include_mlp_biases else 0.0)
+        if mlp_input:
+            bias = bias + self._weights_of(layer, T).attn.b_O
+        return bias
+
     def to_tokens(self, input: str | list[str], **_: Any) -> Int[Tensor, "batch pos"]:
         """Query strings ("e17 r3 r9") to right-padded token ids; needs ``model.vocab`` (a data.Vocab)."""
         if self.vocab is None:
@@ -343,7 +361,12 @@ class HookedLoopedModel(HookedRootModule):
 
 
 class LoopedActivationCache(ActivationCache):
-    """TransformerLens's ActivationCache that also answers to ``loop.{t}.blocks.{l}.<hook>`` aliases."""
+    """TransformerLens's ActivationCache that also answers to ``loop.{t}.blocks.{l}.<hook>`` aliases.
+
+    Every method TransformerLens documents works on a looped cache (tests/test_cache_methods.py checks each
+    one numerically, on TL 3.9 and 4.x), except where a model adds terms between iterations that TL's
+    decompositions have no row for (input injection, readout feedback) and the SSM helpers: those raise.
+    """
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -354,6 +377,35 @@ class LoopedActivationCache(ActivationCache):
         if isinstance(key, str):
             key = self.model.canonical_name(key)
         return key in self.cache_dict
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> LoopedActivationCache:
+        sliced = super().apply_slice_to_batch_dim(batch_slice)  # TL returns a plain ActivationCache
+        return LoopedActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+
+    def _exact_decomposition(self, method: str) -> None:
+        cfg = self.model.cfg
+        extra = [what for what, on in (("re-injects the input (input_injection)", cfg.input_injection != "none"),
+                                       ("adds readout feedback (feedback)", bool(cfg.feedback))) if on]
+        if extra:
+            raise NotImplementedError(
+                f"{method}: this model {' and '.join(extra)} between iterations, a term TransformerLens's "
+                "decomposition has no row for; use stack_head_results(incl_remainder=True) or accumulated_resid")
+
+    def decompose_resid(self, *args: Any, **kwargs: Any) -> Any:
+        self._exact_decomposition("decompose_resid")
+        return super().decompose_resid(*args, **kwargs)
+
+    def get_full_resid_decomposition(self, *args: Any, **kwargs: Any) -> Any:
+        self._exact_decomposition("get_full_resid_decomposition")
+        return super().get_full_resid_decomposition(*args, **kwargs)
+
+    def compute_ssm_state(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("compute_ssm_state: a looped transformer has attention blocks, no SSM mixer "
+                                  "layers (TransformerLens's SSM helpers are for Mamba-style bridges)")
+
+    def compute_ssm_effective_attention(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("compute_ssm_effective_attention: a looped transformer has attention blocks, no "
+                                  "SSM mixer layers (TransformerLens's SSM helpers are for Mamba-style bridges)")
 
 
 class ModelAtIterations:
@@ -373,6 +425,9 @@ class ModelAtIterations:
     def blocks(self) -> nn.ModuleList:
         self._model._bind(self.n_iterations)
         return self._model.blocks
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        return self._model.accumulated_bias(layer, mlp_input, include_mlp_biases, n_iterations=self.n_iterations)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
