@@ -29,6 +29,7 @@ examples:
   looplens reproduce --preset tiny --out runs/repro             # ~30 minutes on 2 CPU cores
   looplens reproduce --preset paper --out runs/paper --set run.time_budget_minutes=600   # GPU
   looplens reproduce --preset tiny --out runs/repro --dry-run   # list the runs and stages
+  looplens reproduce --preset paper --out /shared/paper --launcher ray --address auto --device cuda  # docs/scale.md
 Rerun the same command after an interruption: finished stages are skipped, a half-finished training resumes.
 Report: OUT/report/index.html (offline), OUT/report/summary.md (claims, verdicts, rules)."""
 

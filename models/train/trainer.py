@@ -32,6 +32,7 @@ from looplens.data.provenance import atomic_write_bytes, provenance
 from looplens.models.checkpoint import save_checkpoint
 from looplens.models.halting import make_halting_rule
 from looplens.models.looped import LoopedTransformer
+from looplens.models.train import distributed
 from looplens.models.train.config import RESUMABLE_KEYS, TrainConfig
 from looplens.models.train.evaluation import HALTING_ITERATIONS, EvalSet, evaluate_set, split_accuracy
 from looplens.models.train.optim import Grokfast, answer_loss, lr_at, make_optimizer, orthogonalize_gradients
@@ -128,16 +129,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: Path, progress: bool, command: list[str] | None):
         self.cfg = cfg
         self.paths = RunPaths(Path(out_dir))
-        self.progress = progress
+        self.dist = distributed.from_env()  # torchrun: one rank of a data-parallel run (models/train/distributed.py)
+        self.progress = progress and self.dist.is_main
         self.command = command
-        self.device = resolve_device(cfg.run.device)
+        self.device = distributed.device_for(self.dist, resolve_device(cfg.run.device))
         self.bf16 = cfg.optim.precision == "bf16" or (cfg.optim.precision == "auto" and self.device.type == "cuda")
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("optim.precision = \"bf16\" needs --device cuda (CPU training runs in fp32)")
 
         # --- data -----------------------------------------------------------------------------------
-        self.dataset = ensure_dataset(cfg.data, data_root(cfg, self.paths.root))
+        root = data_root(cfg, self.paths.root)
+        self.dataset = distributed.on_main(self.dist, lambda: ensure_dataset(cfg.data, root))  # rank 0 builds it
+        if self.dataset is None:
+            self.dataset = ensure_dataset(cfg.data, root)
         ds = self.dataset
+        if cfg.optim.batch_size < self.dist.world_size:
+            raise ValueError(f"optim.batch_size ({cfg.optim.batch_size}) must be at least the number of processes "
+                             f"({self.dist.world_size}): the global batch is split across them")
         if cfg.model.pad_token_id != ds.vocab.pad_id:
             raise ValueError(f"model.pad_token_id must be the dataset's pad id ({ds.vocab.pad_id}), got {cfg.model.pad_token_id}")
         train = ds.encode("train")
@@ -185,6 +193,7 @@ class Trainer:
         self.model.vocab = ds.vocab
         self.model.to(self.device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step_module = distributed.training_module(self.dist, self.model, self.device)
         self.optimizer = self._new_optimizer()
         self.grokfast = Grokfast(cfg.optim.grokfast_alpha, cfg.optim.grokfast_lambda) if cfg.optim.grokfast_lambda > 0 else None
         self.batches = self._new_batch_sampler()
@@ -224,9 +233,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def train_step(self) -> None:
         cfg = self.cfg
-        rows = self.batches.next_batch()
+        rows = self.batches.next_batch()  # the global batch (every rank draws the same rows and R)
         n_iter = self.iterations.sample()
         width = int(self.train_lengths[rows].max())
+        n_global = len(rows)
+        rows = distributed.shard(self.dist, rows)  # this rank's share (all of it in one process)
         index = torch.from_numpy(rows).to(self.device)
         tokens = self.train_tokens[index, :width]
         targets = self.train_answers[index]
@@ -239,12 +250,11 @@ class Trainer:
             if cfg.recurrence.supervise == "from_hops":
                 loss, answer_logits = self._loss_from_hops(tokens, targets, rows, n_iter, backprop)
             else:
-                logits = self.model(tokens, n_iterations=n_iter, return_type="logits", backprop_last=backprop)
-                pos = self.model.readout_positions(tokens)
-                answer_logits = logits[torch.arange(len(rows), device=self.device), pos].float()
+                answer_logits = self.step_module(tokens, n_iter, backprop, False).float()
                 loss = answer_loss(answer_logits, targets, cfg.optim.loss, cfg.optim.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # across ranks DDP averages gradients: scaled so the average is the global batch's mean-loss gradient
+        (loss * distributed.loss_scale(self.dist, len(rows), n_global)).backward()
         if self.grokfast is not None:
             self.grokfast.filter(self.model)
         if cfg.optim.orthograd:
@@ -266,7 +276,7 @@ class Trainer:
         hop count (a query with more hops than iterations is read after the last one). Returns the loss and
         the last iteration's answer logits (for the running train accuracy)."""
         cfg = self.cfg
-        per_iter = self.model.answer_logits_by_iteration(tokens, n_iter, backprop_last=backprop).float()
+        per_iter = self.step_module(tokens, n_iter, backprop, True).float()
         hops = torch.from_numpy(self.train_hops[rows]).to(self.device).clamp(max=n_iter)
         weight = (torch.arange(1, n_iter + 1, device=self.device)[:, None] >= hops[None, :]).float()  # [T, batch]
         weight = weight / weight.sum(0, keepdim=True)  # every query weighs the same in the mean
@@ -276,7 +286,8 @@ class Trainer:
         return (nll * weight).sum() / len(rows), per_iter[-1]
 
     def _train_row(self) -> dict[str, Any]:
-        w = self.window
+        w = self._global_window()  # the global batches' loss and accuracy, summed over ranks
+        distributed.check_agree(self.dist, w["iterations"], self.device, "recurrence draws")
         n = max(w["n"], 1)
         row = {"step": self.step, "epoch": self.epoch, "stage": self.stage, "split": TRAIN_SPLIT, "hops": 0,
                "iterations": round(w["iterations"] / max(w["steps"], 1)),
@@ -284,13 +295,25 @@ class Trainer:
         self._reset_window()
         return row
 
+    def _global_window(self) -> dict[str, Any]:
+        """The train-loss window summed over ranks (one process: the window itself)."""
+        if not self.dist.enabled:
+            return dict(self.window)
+        w = self.window
+        n = torch.tensor(float(w["n"]), dtype=torch.float64, device=self.device)
+        loss, correct, n = distributed.sum_over_ranks(self.dist, torch.stack([w["loss"], w["correct"], n]))
+        return {**w, "loss": loss, "correct": correct, "n": int(n.item())}
+
     # ------------------------------------------------------------------------------------------------
     # Evaluation, curriculum, stops
     # ------------------------------------------------------------------------------------------------
     def evaluate(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        rows = evaluate_set(self.model, self.evalset, self.eval_iterations, bf16=self.bf16,
-                            halting=self.halting, halting_max_iterations=cfg.eval.halting_max_iterations)
+        rows = None
+        if self.dist.is_main:  # rank 0 evaluates; every rank gets its rows (curriculum and stops agree)
+            rows = evaluate_set(self.model, self.evalset, self.eval_iterations, bf16=self.bf16,
+                                halting=self.halting, halting_max_iterations=cfg.eval.halting_max_iterations)
+        rows = distributed.broadcast(self.dist, rows)
         self.last_eval, self.last_eval_step = rows, self.step
         return [{"step": self.step, "epoch": self.epoch, "stage": self.stage, **r} for r in rows]
 
@@ -333,6 +356,8 @@ class Trainer:
     # Files
     # ------------------------------------------------------------------------------------------------
     def write_config(self, resumes: list[dict[str, Any]] | None = None) -> None:
+        if not self.dist.is_main:  # rank 0 writes the run directory
+            return
         ds = self.dataset
         meta = {
             "format": RUN_FORMAT,
@@ -352,12 +377,18 @@ class Trainer:
         write_json(self.paths.config, meta)
 
     def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.model, self.paths.checkpoint(self.step), step=self.step, epoch=self.epoch,
                         seed=self.cfg.run.seed, dataset_checksum=self.dataset.checksum, stage=self.stage,
                         run=self.paths.root.name, train_iterations=self.cfg.train_iterations)
 
     def save_state(self) -> None:
         """The full training state, written atomically; metrics are flushed first and their length recorded."""
+        window = self._global_window()  # global quantities only, so any world size can resume
+        if not self.dist.is_main:
+            self.last_state_step = self.step
+            return
         self.metrics.flush()
         state = {
             "format": STATE_FORMAT,
@@ -373,7 +404,7 @@ class Trainer:
             "batch_sampler": self.batches.state_dict(),
             "iteration_sampler": self.iterations.state_dict(),
             "rng": _rng_states(),
-            "window": dict(self.window),
+            "window": window,
             "metrics_bytes": self.metrics.size(),
             "metrics_rows": self.metrics.rows,
             "dataset_checksum": self.dataset.checksum,
@@ -415,6 +446,13 @@ class Trainer:
         self.window = dict(state["window"])
         self.window["loss"] = self.window["loss"].to(self.device)
         self.window["correct"] = self.window["correct"].to(self.device)
+        if not self.dist.is_main:  # the saved window is summed over ranks: rank 0 carries it on
+            self.window.update(loss=torch.zeros_like(self.window["loss"]),
+                               correct=torch.zeros_like(self.window["correct"]), n=0)
+            self.last_state_step = self.step
+            if state.get("last_eval_step") == self.step:
+                self.last_eval_step, self.last_eval = self.step, list(state["last_eval"])
+            return
         self.metrics.truncate(int(state["metrics_bytes"]))
         if self.metrics.rows != int(state["metrics_rows"]):
             raise ValueError(f"{self.paths.metrics}: {self.metrics.rows} rows after truncation, the saved state "
@@ -424,6 +462,8 @@ class Trainer:
             self.last_eval_step, self.last_eval = self.step, list(state["last_eval"])
 
     def write_summary(self, status: str, wall: float, steps_done: int) -> None:
+        if not self.dist.is_main:
+            return
         final = {}
         for split in self.eval_names:
             acc = split_accuracy(self.last_eval, split, self.cfg.train_iterations)
@@ -479,7 +519,7 @@ class Trainer:
             import json
 
             resumes = json.loads(self.paths.config.read_text()).get("resumes", [])
-        self.metrics = MetricsLog(self.paths.metrics)
+        self.metrics = MetricsLog(self.paths.metrics) if self.dist.is_main else distributed.NullMetrics()
         resumed_from = None
         if resume and self.paths.state.exists():
             self.load_state()
@@ -511,7 +551,7 @@ class Trainer:
                 if self.step >= cfg.run.max_steps:
                     self.stop_reason = "max_steps"
                     break
-                if budget is not None and time.monotonic() - t0 >= budget:
+                if budget is not None and distributed.any_rank(self.dist, time.monotonic() - t0 >= budget, self.device):
                     self.stop_reason = "time_budget"
                     break
                 self.train_step()
@@ -619,7 +659,8 @@ def train(cfg: TrainConfig | None, out_dir: str | Path, resume: bool = False, ov
         result.final["test_inferred_id"]
     """
     out = Path(out_dir)
-    _check_out_dir(out, resume, overwrite)
+    if resume or not distributed.from_env().enabled:
+        _check_out_dir(out, resume, overwrite)  # with resume it only reads: every rank may check
     if resume:
         cfg = _resume_config(cfg, out)
     elif cfg is None:
@@ -632,8 +673,12 @@ def train(cfg: TrainConfig | None, out_dir: str | Path, resume: bool = False, ov
     device = resolve_device(cfg.run.device)
     if device.type == "cpu" and cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    dist = distributed.from_env()
     try:
-        trainer = Trainer(cfg, out, progress, command)
-        return trainer.run(resume)
+        with distributed.process_group(dist, device.type):  # torchrun: join the job for this run
+            if dist.enabled and not resume:  # rank 0 checks (and with overwrite, clears) --out first
+                distributed.on_main(dist, lambda: _check_out_dir(out, resume, overwrite))
+            trainer = Trainer(cfg, out, progress, command)
+            return trainer.run(resume)
     finally:
         torch.set_num_threads(old_threads)
