@@ -73,7 +73,8 @@ _WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
                            errno.EISDIR, errno.EFBIG})
 
 
-def _output_error(err: OSError, target: Path) -> OutputError:
+def output_error(err: OSError, target: str | os.PathLike) -> OutputError:
+    """``err`` (from writing ``target``) as an :class:`OutputError` naming ``target``, with a hint."""
     reason = err.strerror or str(err)
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         reason = f"{reason} (read-only folder or file system?)"
@@ -91,7 +92,7 @@ def _prepare_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _output_error(err, path) from None
+        raise output_error(err, path) from None
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -109,7 +110,7 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise _output_error(err, path) from None
+        raise output_error(err, path) from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -158,7 +159,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OutputError) or err.errno not in _WRITE_ERRNOS:
             raise  # ours already names the target; other errors (a missing input, ...) are the caller's
-        raise _output_error(err, final) from None
+        raise output_error(err, final) from None
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -293,3 +293,23 @@ def test_world_too_small_names_the_smallest_fraction_that_works(tmp_path, capsys
         world = [*SMALL_WORLD[:6], bigger.group(1), *SMALL_WORLD[7:]]
         assert main([*world, *other, flag, value, "--out", str(tmp_path / "bigger")]) == 0, capsys.readouterr().err
         assert load_dataset(tmp_path / "bigger").count(split) >= 1
+
+
+def test_full_disk_while_appending_metrics_leaves_no_half_row(tmp_path, monkeypatch):
+    from looplens.models.train.run import MetricsLog, format_row
+
+    log = MetricsLog(tmp_path / "metrics.csv")
+    row = {"step": 1, "epoch": 0.5, "stage": 0, "split": "train_batch", "hops": 0, "iterations": 4,
+           "accuracy": 0.5, "loss": 1.0, "n": 8}
+    log.add([row])
+    log.flush()
+    before = (tmp_path / "metrics.csv").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    log.add([{**row, "step": 2}])
+    with pytest.raises(OutputError, match=r"cannot write .*metrics\.csv: No space left on device \(disk full"):
+        log.flush()
+    assert (tmp_path / "metrics.csv").read_bytes() == before and before.endswith(format_row(row).encode())

@@ -15,6 +15,7 @@ the resumable state records its byte length, and resuming truncates it back to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from looplens.data.files import InvalidFileError, atomic_write_text, check_format, read_json
+from looplens.data.files import InvalidFileError, atomic_write_text, check_format, output_error, read_json
 from looplens.models.train.config import TrainConfig
 
 # The run directory's format: bump RUN_FORMAT_VERSION when a change breaks readers of older runs;
@@ -129,10 +130,16 @@ class MetricsLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(self.pending))
-            fh.flush()
-            os.fsync(fh.fileno())
+        size = self.size()
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(self.pending))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:  # a full disk: cut the rows written so far, so no half row stays behind
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise output_error(err, self.path) from None
         self.rows += len(self.pending)
         self.pending.clear()
 
