@@ -448,8 +448,10 @@ def import_run(
     try:
         cfg, converted = convert_state(state, hf_config, n_iterations, **overrides)
         if source_tokens is not None:
-            added = _hf_source_ids(weights, source_tokens, cfg.d_vocab) if layout == "hf" else None
-            rows = token_rows_for(ds.vocab, source_tokens, cfg.d_vocab, added)
+            if layout == "hf":  # ids come from the tokenizer's added tokens, not vocab.json's positions
+                rows = token_rows_for(ds.vocab, [], cfg.d_vocab, _hf_source_ids(weights, source_tokens, cfg.d_vocab))
+            else:
+                rows = token_rows_for(ds.vocab, source_tokens, cfg.d_vocab)
             cfg, converted = select_tokens(cfg, converted, rows)
         elif cfg.d_vocab != len(ds.vocab):
             raise ValueError(f"the checkpoint has {cfg.d_vocab} token rows, the dataset's vocabulary {len(ds.vocab)}; "

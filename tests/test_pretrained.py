@@ -320,3 +320,23 @@ def test_text_and_code_presets_differ_only_where_the_paper_does():
                                               "optim.schedule", "optim.weight_decay", "run.max_steps"]
     dyn = preset("paper-depth-dynamic").eval
     assert (dyn.halting, dyn.halting_eps, dyn.halting_entropy, dyn.halting_max_iterations) == ("kl+entropy", 0.5, 3.24, 8)
+
+
+def test_gpt2lmheadmodel_ids_map_through_added_tokens(imported, tmp_path):
+    """The predecessor's GPT2LMHeadModel has GPT-2's own tokens first and the data's tokens added after
+    (--add_tokens): added_tokens.json gives their ids."""
+    from looplens.models.pretrained import import_run
+    from looplens.models.train import load_run
+
+    _, grokked, _, _, vocab = imported
+    listed = vocab[1:]  # vocab.json's tokens (no <pad> in it)
+    base = 11  # stand-in for GPT-2's 50,257 own tokens
+    torch.manual_seed(6)
+    hf = GPT2LMHeadModel(gpt2_config(L, vocab=base + len(listed), positions=5)).eval()
+    hf.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(listed)}))
+    run = load_run(import_run(tmp_path / "ckpt", tmp_path / "runs" / "hf", 2, data=grokked))
+    model = run.load_model()
+    e7 = model.vocab.encode("e7")[0]
+    assert torch.equal(model.W_E[e7], hf.transformer.wte.weight[base + listed.index("<e_7>")].detach())
+    assert torch.equal(model.W_E[model.vocab.pad_id], torch.zeros(D))  # GPT-2 has no <pad>: a zero row
