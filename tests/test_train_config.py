@@ -84,6 +84,9 @@ def test_from_toml(tmp_path):
     path.write_text("[optim]\nlearning_rate = 0.002\n")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_toml(path)
+    path.write_text('[optim]\nbatch_size = "64"\n')  # a string is not an integer in a config file
+    with pytest.raises(ValueError, match=r"--config .*c\.toml: optim\.batch_size must be an integer >= 1, got '64'"):
+        TrainConfig.from_toml(path)
     with pytest.raises(FileNotFoundError):
         TrainConfig.from_toml(tmp_path / "missing.toml")
 

@@ -321,7 +321,10 @@ class TrainConfig:
             raise ValueError(f"--config {path}: invalid TOML ({err})") from None
         for key in ("description", "summary", "extends"):
             d.pop(key, None)
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as err:
+            raise ValueError(f"--config {path}: {err}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
