@@ -201,9 +201,10 @@ def _paper() -> Plan:
                 "The paper's settings (trainer presets paper-composition, paper-depth, paper-depth-r8, "
                 "paper-depth-dynamic) on a GPU: R = 1, 2, 4, 8 and an 8-layer vanilla model on the composition "
                 "task; fixed R = 4, 8 and dynamic R on the depth task.",
-                "GPU-days: at ~36 steps/s (4x4 blocks, d 768, one H100), comp-r4's 1.5M steps take ~12 h, comp-r8 "
-                "about twice that, the 5 composition runs ~2.5 days; each depth curriculum may run up to 10M steps "
-                "(days). Cap runs with --set run.time_budget_minutes=M.")
+                "GPU-days: paper-composition trains at 16.3 steps/s on one H100 (measured: "
+                "benchmarks/results/train_throughput_h100.json), so comp-r4's 1.5M steps take ~25.5 h and the 5 "
+                "composition runs ~4.5 days one after another (--dry-run prints each run's estimate); each depth "
+                "curriculum may run up to 10M steps (days). Cap runs with --set run.time_budget_minutes=M.")
 
 
 _PLANS: dict[str, Callable[[], Plan]] = {"smoke": _smoke, "tiny": _tiny, "paper": _paper}
