@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Int
 from looplens.data.config import DataConfig
 from looplens.data.facts import PAD, Facts
+from looplens.data.files import FormatVersionError
 from looplens.data.provenance import atomic_dir, provenance
 from looplens.data.tasks import COMPOSITION_SPLITS, DEPTH_SPLITS, TRAIN_SAMPLES, Generated, generate
 from looplens.data.vocab import Vocab
@@ -451,8 +452,11 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"dataset {path}: {META} is not a looplens dataset description")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"dataset {path}: format_version {meta.get('format_version')} is not supported "
-                         f"(this looplens reads {FORMAT_VERSION}); {_rebuild_hint(path)}")
+        from looplens import __version__
+
+        raise FormatVersionError(meta_path, f"dataset format_version {meta.get('format_version')} written by looplens "
+                                 f"{meta.get('looplens_version', '(unknown)')} is not supported (this looplens "
+                                 f"{__version__} reads {FORMAT_VERSION}); {_rebuild_hint(path)}")
     try:
         try:
             DataConfig.from_dict(meta["config"])

@@ -313,3 +313,17 @@ def test_full_disk_while_appending_metrics_leaves_no_half_row(tmp_path, monkeypa
     with pytest.raises(OutputError, match=r"cannot write .*metrics\.csv: No space left on device \(disk full"):
         log.flush()
     assert (tmp_path / "metrics.csv").read_bytes() == before and before.endswith(format_row(row).encode())
+
+
+def test_a_dataset_of_another_format_version_names_the_looplens_that_wrote_it(tmp_path, capsys):
+    from looplens.data import load_dataset
+
+    assert main([*DATA_ARGS, "--out", str(tmp_path / "ds")]) == 0
+    capsys.readouterr()
+    _edit_json(lambda o: o.update(format_version=9, looplens_version="9.0.0"))(tmp_path / "ds" / "meta.json")
+    with pytest.raises(FormatVersionError, match=r"meta\.json: dataset format_version 9 written by looplens 9\.0\.0 "
+                                                 r"is not supported \(this looplens .* reads 1\)"):
+        load_dataset(tmp_path / "ds")
+    assert main(["data", "export-grokked", str(tmp_path / "ds"), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by looplens 9.0.0" in err[0], err
