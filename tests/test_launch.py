@@ -57,6 +57,7 @@ def test_job_resources_follow_the_config_and_the_launcher(tmp_path):
     assert launch.LocalLauncher().job("a", tmp_path / "a", preset("smoke-composition")).gpus == 0.0
 
 
+@pytest.mark.slow
 def test_local_launcher_trains_skips_finished_and_reports(tmp_path):
     jobs = [_job(tmp_path, "a", run__max_steps=20), _job(tmp_path, "b", run__max_steps=30)]
     lines, done = [], []
@@ -154,6 +155,12 @@ def test_smoke_grid_on_ray_equals_local(ray_local, tmp_path):
     local, ray = (pd.read_csv(tmp_path / d / "runs.csv").drop(columns=drop) for d in ("local", "ray"))
     pd.testing.assert_frame_equal(local, ray)
     assert not list((tmp_path / "ray" / "runs").glob(".looplens-shared-*"))  # the storage marker is cleaned up
+    # the same command again: every run had finished, none is sent to Ray or touched
+    summaries = {n: (tmp_path / "ray" / "runs" / n / "summary.json").stat().st_mtime_ns for n in names}
+    assert main(_grid_args(tmp_path / "ray", "ray")) == 0
+    assert summaries == {n: (tmp_path / "ray" / "runs" / n / "summary.json").stat().st_mtime_ns for n in names}
+    assert all(json.loads((tmp_path / "ray" / "runs" / launch.RECORDS / f"{n}.json").read_text())["attempt"] == 1
+               for n in names)
 
 
 @pytest.mark.slow
