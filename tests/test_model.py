@@ -259,8 +259,10 @@ def test_activation_cache_helpers():
     logits, cache = model.run_with_cache(TOKENS, n_iterations=4)
     acc = cache.accumulated_resid()
     answer = torch.tensor([4, 5, 6])
-    attrs = cache.logit_attrs(acc[-1:], tokens=answer)  # applies the final LN scale itself
-    expected = (logits - model.b_U)[:, :, answer].diagonal(dim1=0, dim2=2).T
+    # at the last position (TL 3.9 needs the stack position-sliced to broadcast against [batch] tokens);
+    # logit_attrs applies the final LN scale itself
+    attrs = cache.logit_attrs(acc[-1:, :, -1], tokens=answer, pos_slice=-1)
+    expected = (logits - model.b_U)[torch.arange(3), -1, answer]
     torch.testing.assert_close(attrs[0], expected, atol=1e-4, rtol=1e-4)
 
 
