@@ -425,8 +425,9 @@ def import_run(
     """Write a run directory for a checkpoint of the paper's code (see :mod:`models.import_cli`).
 
     The run holds config.json (the imported model's settings in the model section, the dataset's in the
-    data section; ``imported`` records the source and its sha256), an empty metrics.csv, a "finished"
-    summary.json and one checkpoint at ``step``. Written to a temporary folder and renamed into place.
+    data section; ``imported`` records the source and its sha256), metrics.csv with one evaluation (every
+    evaluation split at ``n_iterations``, at ``step``), a "finished" summary.json with those accuracies and one
+    checkpoint at ``step``. Written to a temporary folder and renamed into place.
     """
     import hashlib
 
@@ -434,7 +435,8 @@ def import_run(
     from looplens.models.checkpoint import save_checkpoint
     from looplens.models.looped import LoopedTransformer
     from looplens.models.train.config import TrainConfig
-    from looplens.models.train.run import METRICS_COLUMNS, RUN_FORMAT, RunPaths, write_json
+    from looplens.models.train.evaluation import EvalSet, evaluate_set, split_accuracy
+    from looplens.models.train.run import METRICS_COLUMNS, RUN_FORMAT, RunPaths, format_row, write_json
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -474,12 +476,19 @@ def import_run(
     imported = {"source": str(Path(src).resolve()), "weights": str(weights.resolve()), "sha256": source_sha,
                 "layout": layout, "data": str(Path(data).resolve()), "n_iterations": n_iterations}
     eval_names = [s for s in ds.split_names if s != "train"]
+    # one evaluation, so the run's curves, summary and the app's pages have the imported model's accuracy
+    with torch.no_grad():
+        evalset = EvalSet.build({name: ds.encode(name) for name in eval_names}, batch_size=1024)
+        rows = evaluate_set(model, evalset, [n_iterations])
+    rows = [{**row, "step": step, "epoch": None, "stage": 0} for row in rows]
+    final = {name: split_accuracy(rows, name, n_iterations) for name in eval_names}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         paths = RunPaths(tmp)
         save_checkpoint(model, paths.checkpoint(step), step=step, epoch=None, seed=None,
                         dataset_checksum=ds.checksum, stage=0, run=out.name, train_iterations=n_iterations,
                         imported=imported)
-        (tmp / "metrics.csv").write_text(",".join(METRICS_COLUMNS) + "\n", encoding="utf-8")
+        (tmp / "metrics.csv").write_text(",".join(METRICS_COLUMNS) + "\n" + "".join(map(format_row, rows)),
+                                         encoding="utf-8")
         write_json(paths.config, {
             "format": RUN_FORMAT, "name": out.name, "config": train_cfg.to_dict(), "model_config": cfg.to_dict(),
             "dataset": {"path": str(Path(ds.path).resolve()), "checksum": ds.checksum, "dirname": ds.dirname,
@@ -491,8 +500,8 @@ def import_run(
         })
         write_json(paths.summary, {
             "status": "finished", "stop_reason": "imported", "final_step": step, "last_saved_step": step,
-            "epoch": None, "stage": 0, "learnable_depth": None, "stages_passed": [], "last_eval_step": None,
-            "final_accuracy": {}, "train_iterations": n_iterations, "wall_seconds": 0.0, "steps_per_second": None,
+            "epoch": None, "stage": 0, "learnable_depth": None, "stages_passed": [], "last_eval_step": step,
+            "final_accuracy": {k: v for k, v in final.items() if v is not None}, "train_iterations": n_iterations, "wall_seconds": 0.0, "steps_per_second": None,
             "checkpoints": [step], "imported": imported,
         })
     return out

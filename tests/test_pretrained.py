@@ -263,9 +263,12 @@ def test_imported_run_opens_in_interp_and_app(imported, monkeypatch):
 
     monkeypatch.setenv(RUNS_ENV, str(out))
     at = AppTest.from_file(str(Path(app_cli.__file__).with_name("main.py")), default_timeout=120).run()
-    assert not at.exception, [e.value for e in at.exception]
-    at.switch_page("views/query.py").run()
-    assert not at.exception, [e.value for e in at.exception]
+    assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+    for page in ("training", "query", "iterations", "patching", "depth"):
+        at.switch_page(f"views/{page}.py").run()
+        assert not at.exception and not at.error, (page, [e.value for e in at.exception], [e.value for e in at.error])
+    # the import evaluated the model once: curves and summary have its accuracy
+    assert len(run.metrics) and set(run.summary["final_accuracy"]) >= {"test_inferred_id", "test_inferred_ood"}
 
 
 def test_import_errors_name_the_problem(imported, tmp_path):
