@@ -56,12 +56,20 @@ class LoopStep:
     n_iterations: int  # the run's length T; the coda (if any) sits after iteration T - 1
     state: Float[Tensor, "batch pos d_model"]  # after this iteration (the output of loop.{t}.hook_state)
     loop_input: Float[Tensor, "batch pos d_model"] | None  # embed + prelude, re-injected by cfg.input_injection
-    positions: Int[Tensor, " batch"]  # each query's readout position
+    tokens: Int[Tensor, "batch pos"] = field(repr=False)
     model: LoopedTransformer = field(repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)  # shared by the steps of one run
 
     @property
     def is_last(self) -> bool:
         return self.iteration == self.n_iterations - 1
+
+    @property
+    def positions(self) -> Int[Tensor, " batch"]:
+        """Each query's readout position (computed on first use, once per run)."""
+        if "positions" not in self._memo:
+            self._memo["positions"] = self.model.readout_positions(self.tokens)
+        return self._memo["positions"]
 
     def readout(self) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits at every position if the run stopped here: coda, final LayerNorm, unembedding."""
@@ -284,12 +292,12 @@ class LoopedTransformer(HookedLoopedModel):
             state = self.embed_tokens(tokens)
         if start == 0 and not from_block and loop_input is None:
             loop_input = state
-        positions = self.readout_positions(tokens)
+        memo: dict = {}  # what the run's steps compute once and share (the readout positions)
         for t in range(start, T):
             if backprop_last is not None and t == T - backprop_last:
                 state = state.detach()
             state = self.iterate(state, t, loop_input, from_block=from_block if t == start else None)
-            yield LoopStep(t, T, state, loop_input, positions, self)
+            yield LoopStep(t, T, state, loop_input, tokens, self, memo)
 
     # ------------------------------------------------------------------------------------------------
     # Forward
