@@ -248,7 +248,8 @@ class LoopedTransformer(HookedLoopedModel):
         iteration t-1 (at t = 0: the loop's input); ``start_layer=v`` resumes at virtual layer v (prelude
         or loop) from ``state``, its ``blocks.{v}.hook_resid_pre``; a coda layer resumes with
         ``readout(state, T, start_layer=v)``. ``loop_input`` is the loop's input (embed + prelude), needed
-        to resume past it when ``cfg.input_injection`` re-injects it.
+        to resume past it when ``cfg.input_injection`` re-injects it (a run resumed in the prelude
+        recomputes it, so a patched prelude layer reaches every injection).
         backprop_last: truncated backprop, gradients flow through the last k iterations only.
         """
         tokens = self._check_tokens(tokens)
@@ -286,6 +287,7 @@ class LoopedTransformer(HookedLoopedModel):
         if start_layer is not None and start_layer < P:  # resumed in the prelude: its output is the loop's input
             for v in range(start_layer, P):
                 state = self._block(v, self.prelude[v])(state)
+            loop_input = None
         elif start_layer is not None:
             start, from_block = divmod(start_layer - P, L)
         elif state is None:

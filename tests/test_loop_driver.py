@@ -69,6 +69,18 @@ def test_resuming_at_any_virtual_layer_or_iteration_equals_the_full_run(variant)
             torch.testing.assert_close(steps[-1].readout(), logits)
 
 
+def test_resuming_in_the_prelude_recomputes_the_injected_loop_input():
+    model = model_of(input_injection="add", n_prelude=1)
+    _, cache = model.run_with_cache(TOKENS, n_iterations=3)
+    patched = cache["blocks.0.hook_resid_pre"] + 0.5
+    with torch.no_grad():
+        expected = model.run_with_hooks(TOKENS, n_iterations=3, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: patched)])
+        resumed = list(model.steps(TOKENS, 3, start_layer=0, state=patched,
+                                   loop_input=cache["blocks.1.hook_resid_pre"]))  # the unpatched input: not used
+    torch.testing.assert_close(resumed[-1].readout(), expected)
+    torch.testing.assert_close(resumed[0].loop_input, model.blocks[0](patched))
+
+
 def test_resumed_hooks_fire_from_the_resumed_layer_on():
     model = model_of()
     _, cache = model.run_with_cache(TOKENS, n_iterations=3)
