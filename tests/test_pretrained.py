@@ -343,3 +343,25 @@ def test_gpt2lmheadmodel_ids_map_through_added_tokens(imported, tmp_path):
     e7 = model.vocab.encode("e7")[0]
     assert torch.equal(model.W_E[e7], hf.transformer.wte.weight[base + listed.index("<e_7>")].detach())
     assert torch.equal(model.W_E[model.vocab.pad_id], torch.zeros(D))  # GPT-2 has no <pad>: a zero row
+
+
+def test_embed_dropout_is_separate_from_block_dropout():
+    """The depth code's GPT2Config: embd_pdrop 0 (--dropout), attn/resid_pdrop 0.1 (defaults)."""
+    from looplens.models import LoopedConfig
+
+    cfg = LoopedConfig(d_vocab=V, n_ctx=P, d_model=D, n_heads=H, n_blocks=1, n_iterations=2, dropout=0.5,
+                       embed_dropout=0.0, seed=0)
+    model = LoopedTransformer(cfg).train()
+    x = tokens()
+    torch.manual_seed(0)
+    embedded = model.embed_tokens(x)
+    expected = model.embed.W_E[x] + model.pos_embed.W_pos[: x.shape[1]]
+    torch.testing.assert_close(embedded, expected)  # no embedding dropout in training mode
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(x))  # the blocks' dropout still acts
+    same = LoopedTransformer(cfg.replace(embed_dropout=None)).train()  # None: the blocks' rate
+    assert same.embed_dropout.p == 0.5 and model.embed_dropout.p == 0.0
+    with pytest.raises(ValueError, match="embed_dropout must be"):
+        cfg.replace(embed_dropout=1.5)
