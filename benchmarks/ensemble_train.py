@@ -32,11 +32,13 @@ from looplens.models.train.trainer import Trainer
 OUT = Path(__file__).resolve().parent / "results" / "ensemble_train.json"
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, sync=lambda: None) -> float:
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -47,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    cfg = preset(args.preset).with_overrides(["run.device=cpu"])
+    cfg = preset(args.preset).with_overrides([f"run.device={args.device}"])
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             step_single, step_ens, eval_single = [], [], []
             for _ in range(args.repeats):  # interleaved: both see the same machine load
-                step_single.append(_median_seconds(single.train_step, 3))
-                step_ens.append(_median_seconds(ensemble.train_step, 1))
-                eval_single.append(_median_seconds(single.evaluate, 1))
+                step_single.append(_median_seconds(single.train_step, 3, sync))
+                step_ens.append(_median_seconds(ensemble.train_step, 1, sync))
+                eval_single.append(_median_seconds(single.evaluate, 1, sync))
             s1, sn, e1 = (statistics.median(x) for x in (step_single, step_ens, eval_single))
             steps, evals = cfg.run.max_steps, cfg.run.max_steps // cfg.eval.every + 1
             wall_single = steps * s1 + evals * e1
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/ensemble_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "preset": args.preset, "seeds": args.seeds, "max_steps": cfg.run.max_steps, "eval_every": cfg.eval.every,
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "results": results,
