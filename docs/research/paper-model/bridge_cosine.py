@@ -8,6 +8,7 @@ at every saved checkpoint:
   readout) and the bridge's input embedding W_E[b]; "cos_other" is the mean cosine with every other
   entity's embedding (the baseline a random entity gets);
 - top1: the bridge is the logit lens's top-1 entity there (tied unembedding, so top1 and cos are related);
+- both after every iteration t = 1..R (column ``iteration``; the figure shows t = 1);
 for ID bridges (test_inferred_id: both facts composed in training), OOD first hops
 (test_inferred_first_ood: the bridge comes from a fact seen only as an atomic fact) and strict OOD
 (test_inferred_ood), beside the split's accuracy at the training iteration count from metrics.csv.
@@ -26,24 +27,26 @@ from looplens.models.train import load_run
 SPLITS = ["test_inferred_id", "test_inferred_first_ood", "test_inferred_ood"]
 
 
-def measure(model, tokens: torch.Tensor, bridges: torch.Tensor, entity_ids: torch.Tensor) -> list[dict]:
+def measure(model, tokens: torch.Tensor, bridges: torch.Tensor, entity_ids: torch.Tensor, n_iterations: int) -> list[dict]:
+    """cos / cos_other / top1 at positions 1 and 2 after every iteration t = 1..n_iterations."""
     n_blocks = model.cfg.n_blocks
-    name = f"blocks.{n_blocks - 1}.hook_resid_post"  # after iteration 1 (no prelude in these runs)
+    names = {f"blocks.{t * n_blocks - 1}.hook_resid_post": t for t in range(1, n_iterations + 1)}  # no prelude here
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
-        state = model.ln_final(cache[name])  # [n, pos, d]
+        _, cache = model.run_with_cache(tokens, n_iterations=n_iterations, names_filter=lambda n: n in names)
         emb = model.W_E[entity_ids]  # [E, d]
         rows = []
-        for pos in (1, 2):
-            s = state[:, pos]
-            cos_all = F.normalize(s, dim=-1) @ F.normalize(emb, dim=-1).T  # [n, E]
-            is_b = entity_ids[None, :] == bridges[:, None]
-            cos_b = cos_all[is_b].reshape(-1)
-            cos_other = (cos_all.masked_fill(is_b, 0).sum(-1) / (len(entity_ids) - 1))
-            logits = model.unembed(s[:, None])[:, 0][:, entity_ids]
-            top1 = entity_ids[logits.argmax(-1)] == bridges
-            rows.append({"position": pos, "cos": float(cos_b.mean()), "cos_other": float(cos_other.mean()),
-                         "top1": float(top1.float().mean())})
+        for name, t in names.items():
+            state = model.ln_final(cache[name])  # [n, pos, d]
+            for pos in (1, 2):
+                s = state[:, pos]
+                cos_all = F.normalize(s, dim=-1) @ F.normalize(emb, dim=-1).T  # [n, E]
+                is_b = entity_ids[None, :] == bridges[:, None]
+                cos_b = cos_all[is_b].reshape(-1)
+                cos_other = cos_all.masked_fill(is_b, 0).sum(-1) / (len(entity_ids) - 1)
+                logits = model.unembed(s[:, None])[:, 0][:, entity_ids]
+                top1 = entity_ids[logits.argmax(-1)] == bridges
+                rows.append({"iteration": t, "position": pos, "cos": float(cos_b.mean()),
+                             "cos_other": float(cos_other.mean()), "top1": float(top1.float().mean())})
     return rows
 
 
@@ -76,7 +79,7 @@ def main() -> None:
             tokens = e.tokens[: a.n, :3]
             bridges = e.bridges[: a.n, 0]
             acc = m[(m["step"] == step) & (m["split"] == split)]["accuracy"]
-            for r in measure(model, tokens, bridges, vocab_entities):
+            for r in measure(model, tokens, bridges, vocab_entities, R):
                 rows.append({"step": step, "split": split, "accuracy": float(acc.iloc[0]) if len(acc) else None, **r})
         print(f"step {step} done", flush=True)
     df = pd.DataFrame(rows)
@@ -92,10 +95,11 @@ def main() -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for split, c in zip(SPLITS, ["tab:blue", "tab:orange", "tab:red"]):
-        d = df[(df["split"] == split) & (df["position"] == 2)]
+        df1 = df[df["iteration"] == 1]
+        d = df1[(df1["split"] == split) & (df1["position"] == 2)]
         axes[0].plot(d["step"], d["cos"], color=c, label=split)
         axes[0].plot(d["step"], d["cos_other"], color=c, ls=":")
-        d1 = df[(df["split"] == split) & (df["position"] == 1)]
+        d1 = df1[(df1["split"] == split) & (df1["position"] == 1)]
         axes[1].plot(d1["step"], d1["cos"], color=c, label=split)
         axes[1].plot(d1["step"], d1["cos_other"], color=c, ls=":")
         axes[2].plot(d["step"], d["accuracy"], color=c, label=split)
