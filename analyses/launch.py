@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAUNCHERS = ("local", "ray")
+LAUNCHERS = ("local", "ray", "submitit")
 RAY_INSTALL_HINT = "--launcher ray needs Ray: pip install 'looplens[ray]' (or pip install ray==2.60.0)"
+SUBMITIT_INSTALL_HINT = ("--launcher submitit needs submitit: pip install 'looplens[submitit]' "
+                         "(or pip install submitit==1.5.4)")
 # Where workers leave a small record of each attempt (host, pid, attempt): OUT/runs/.launch/NAME.json
 RECORDS = ".launch"
 THROUGHPUT_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "train_throughput_h100.json"
@@ -335,6 +337,97 @@ class RayLauncher(Launcher):
                 ray.shutdown()
 
 
+class SubmititRun:
+    """A submitit job's callable: trains one run (:func:`train_run`). Submitit calls :meth:`checkpoint` when
+    SLURM preempts the job or its time limit nears; it requeues the same call, which resumes the run from
+    its last saved state."""
+
+    def __call__(self, config: dict[str, Any], run_dir: str, marker: str, cwd: str) -> dict[str, Any]:
+        return _worker(config, run_dir, marker, cwd)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+@dataclass
+class SubmititLauncher(Launcher):
+    """One submitit job per run: ``cluster`` None lets submitit choose (a SLURM job where ``sbatch``
+    exists, else a local process), ``"local"`` forces local processes. ``partition`` is the SLURM partition, ``timeout_min`` each job's time
+    limit; a job preempted or timed out is requeued up to ``max_retries`` times and resumes from the
+    run's checkpoint. Job logs go to OUT/runs/.submitit. Like Ray, the jobs write the run directories
+    under --out themselves (a shared filesystem; checked). Not retried: a job whose process is killed
+    outright (submitit cannot tell that from a failure); rerun the command to resume it."""
+
+    cluster: str | None = None
+    partition: str = ""
+    timeout_min: float = 72 * 60
+    max_retries: int = 3
+    poll_seconds: float = 2.0
+    name: str = field(init=False, default="submitit")
+
+    def _execute(self, jobs, finish, log, progress) -> None:
+        submitit = import_submitit()
+        roots = {job.run_dir.parent for job in jobs}
+        folder = sorted(roots)[0] / ".submitit" / "%j"
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster, slurm_max_num_timeout=self.max_retries,
+                                             local_max_num_timeout=self.max_retries)
+        except RuntimeError as err:  # submitit found no executor it can use
+            raise LaunchError(f"--launcher submitit: {err}; pass --address local to run the jobs as local "
+                              "processes") from None
+        marker = f".looplens-shared-{uuid.uuid4().hex[:12]}"
+        try:
+            for root in roots:
+                root.mkdir(parents=True, exist_ok=True)
+                (root / marker).write_text("written by the looplens driver; jobs check they can see it\n")
+            handles = []
+            for job in jobs:
+                params: dict[str, Any] = {"name": f"looplens-{job.name}", "timeout_min": self.timeout_min,
+                                          "cpus_per_task": max(1, math.ceil(job.cpus)),
+                                          "gpus_per_node": math.ceil(job.gpus)}
+                if self.partition:
+                    params["slurm_partition"] = self.partition
+                executor.update_parameters(**params)
+                handles.append((executor.submit(SubmititRun(), job.config, str(job.run_dir), marker, os.getcwd()), job))
+            if log:
+                log(f"submitit: {len(jobs)} jobs submitted to {executor.cluster} (logs: {folder.parent})")
+            failures = []
+            while handles:
+                still = []
+                for handle, job in handles:
+                    if not handle.done():
+                        still.append((handle, job))
+                        continue
+                    try:
+                        info = handle.result()
+                    except Exception as err:  # noqa: BLE001 - a job's error, reported with the others
+                        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                        failures.append(f"{job.name}: {first}")
+                        if log:
+                            log(f"{job.name}: FAILED: {first}")
+                        continue
+                    finish(job, _result(job, info))
+                handles = still
+                if handles:
+                    time.sleep(self.poll_seconds)
+            if failures:
+                raise LaunchError(f"{len(failures)} of {len(jobs)} runs failed under submitit ({'; '.join(failures)}); "
+                                  f"logs in {folder.parent}; rerun the same command to retry them")
+        finally:
+            for root in roots:
+                (root / marker).unlink(missing_ok=True)
+
+
+def import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise LaunchError(SUBMITIT_INSTALL_HINT) from None
+    return submitit
+
+
 def import_ray():
     try:
         import ray
@@ -360,6 +453,12 @@ def make_launcher(name: str = "local", *, address: str = "", jobs: int = 1, num_
         if max_retries < 0:
             raise ValueError(f"--max-retries must be >= 0, got {max_retries}")
         return RayLauncher(address=address, num_cpus=num_cpus, max_retries=max_retries, **resources)
+    if name == "submitit":
+        if check:
+            import_submitit()
+        # --address names the SLURM partition here ("" = the cluster's default); "local" runs subprocesses
+        cluster, partition = ("local", "") if address == "local" else (None, address)
+        return SubmititLauncher(cluster=cluster, partition=partition, max_retries=max_retries, **resources)
     raise ValueError(f"--launcher {name!r}: choose one of {', '.join(LAUNCHERS)}")
 
 
@@ -370,10 +469,12 @@ def add_launcher_arguments(parser: Any, jobs: bool = False) -> None:
     """Add --launcher, --address, --cpus-per-run, --gpus-per-run, --max-retries (and --jobs) to a parser
     or argument group."""
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                        help="where the training runs execute: local (this machine; default) or ray (one Ray task "
-                        "per run; pip install 'looplens[ray]')")
+                        help="where the training runs execute: local (this machine; default), ray (one Ray task "
+                        "per run; pip install 'looplens[ray]') or submitit (one SLURM job per run)")
     parser.add_argument("--address", default="", metavar="ADDR",
-                        help="Ray cluster address (e.g. ray://head:10001 or auto); empty: start a local Ray instance")
+                        help="ray: the cluster address (e.g. ray://head:10001 or auto; empty: start a local Ray "
+                        "instance); submitit: the SLURM partition (empty: SLURM's default, or local processes without SLURM; "
+                        "'local': local processes)")
     parser.add_argument("--cpus-per-run", type=float, default=None, metavar="N",
                         help="Ray: CPUs each run declares (default: run.threads, at least 1)")
     parser.add_argument("--gpus-per-run", type=float, default=None, metavar="G",

@@ -119,6 +119,36 @@ def test_grokking_speed_dry_run_lists_the_grid(capsys, tmp_path):
     assert "total:" in out and not (tmp_path / "g").exists()
 
 
+def test_submitit_requeue_resubmits_the_same_run(tmp_path, monkeypatch):
+    import submitit  # the dev extra installs it
+
+    run = launch.SubmititRun()
+    args = ({"run": {}}, str(tmp_path / "runs" / "a"), ".marker", "/")
+    again = run.checkpoint(*args)  # what SLURM preemption or a time limit requeues
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is run and again.args == args
+    assert launch.make_launcher("submitit").cluster is None  # submitit picks SLURM where sbatch exists
+    assert launch.make_launcher("submitit", address="local").cluster == "local"
+    assert launch.make_launcher("submitit", address="gpu").partition == "gpu"
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(launch.LaunchError, match=r"pip install 'looplens\[submitit\]'"):
+        launch.make_launcher("submitit", address="local")
+
+
+@pytest.mark.slow
+def test_submitit_local_jobs_equal_local_runs(tmp_path):
+    def jobs(root: Path, launcher):
+        return [_job(root, f"r{seed}", launcher, run__max_steps=30, run__seed=seed) for seed in (0, 1)]
+
+    launch.LocalLauncher().run(jobs(tmp_path / "local", None), progress=False)
+    launcher = launch.make_launcher("submitit", address="local")
+    lines = []
+    results = launcher.run(jobs(tmp_path / "sub", launcher), log=lines.append)
+    assert sorted(r.name for r in results if r.status == "trained") == ["r0", "r1"]
+    assert any(line.startswith("submitit: 2 jobs submitted to local") for line in lines)
+    _same_runs(tmp_path / "local", tmp_path / "sub", ["r0", "r1"])
+    assert list((tmp_path / "sub" / "runs" / ".submitit").iterdir())  # the jobs' logs
+
+
 # -------------------------------------------------------------------------------------------------
 # Slow: real Ray, a local 2-CPU instance
 # -------------------------------------------------------------------------------------------------
