@@ -6,7 +6,8 @@
                                   # record a finished `bash scripts/demo.sh` (its ledger and `time`) instead
 
 Not a timed test: the numbers depend on the machine and on what else runs on it, so the load average
-before and after is recorded beside them. Results go to benchmarks/results/reproduce_<preset>.json;
+before and after is recorded beside them, and so are the command's CPU seconds (user + system), which
+say what it needs of an idle core. Results go to benchmarks/results/reproduce_<preset>.json;
 the docs quote them from there (tests/test_doc_numbers.py checks the quotes).
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,11 +50,16 @@ def measure(preset: str) -> dict:
         command = [sys.executable, "-m", "looplens", "reproduce", "--preset", preset, "--out", str(out), "--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         load_before = os.getloadavg()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run(command, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         stages = _stages(out / "ledger.json")
-    return {"wall_seconds": round(wall, 1), "stage_seconds_total": round(sum(stages.values()), 1),
+    # CPU seconds of the command (user + system): what it needs of an idle core, whatever else ran
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+            "stage_seconds_total": round(sum(stages.values()), 1),
             "stages": stages, "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
@@ -76,7 +83,8 @@ def main() -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out)  # never half-written
-    print(f"{out}: whole command {result['wall_seconds']} s, stages {result['stage_seconds_total']} s")
+    print(f"{out}: whole command {result['wall_seconds']} s (CPU {result.get('cpu_seconds')} s), "
+          f"stages {result['stage_seconds_total']} s")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ read, not run, carries ``<!-- not-run: reason -->`` on the line before its fence
 and their reasons reported (test_not_run_blocks_are_few_and_give_a_reason), never silently dropped.
 ``<!-- doc-test: slow -->`` before a block puts its test in the slow tier (it trains or runs studies).
 
-Shell: every ``looplens ...`` line of a ```bash block is parsed by the real CLI parser (nothing runs),
+Shell: every ``looplens ...`` (or ``python -m looplens ...``) line of a ```bash block is parsed by the real CLI parser (nothing runs),
 so a renamed verb or flag breaks this test instead of a reader's copy-paste.
 """
 
@@ -105,7 +105,7 @@ def test_python_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.M
 
 
 def _command_lines(block: Block) -> list[tuple[int, list[str]]]:
-    """(line, argv) of each `looplens` command in a bash block, continuation lines joined."""
+    """(line, argv) of each `looplens` (or `... -m looplens`) command in a bash block, continuation lines joined."""
     out, pending, first = [], "", 0
     for offset, raw in enumerate(block.code.splitlines(), start=1):
         if not pending:
@@ -118,6 +118,8 @@ def _command_lines(block: Block) -> list[tuple[int, list[str]]]:
             words = shlex.split(part, comments=True)
             if words and words[0] == "looplens":
                 out.append((first, words[1:]))
+            elif "-m" in words and words[words.index("-m") + 1:][:1] == ["looplens"]:  # python / torchrun -m looplens
+                out.append((first, words[words.index("-m") + 2:]))
     return out
 
 

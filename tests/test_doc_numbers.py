@@ -1,0 +1,217 @@
+"""Measured numbers quoted in the docs match the results files they come from.
+
+Every benchmark or research figure a doc quotes is written by a script to a results file
+(benchmarks/results/*.json by the scripts in benchmarks/, docs/research/*/runs.csv by `looplens study
+grokking-speed`, the presets' TOML for configuration values). QUOTES below lists each quote: the doc,
+the text around the number (``{}`` marks the number), the results file, the key, and how the doc
+writes the value. The test formats the value read from the file and looks for the text in the doc, so
+a re-measured benchmark or an edited sentence that no longer matches its source fails here.
+
+To quote a new number: write it with a script into a results file, then add a row here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+THROUGHPUT = "benchmarks/results/train_throughput.json"
+THROUGHPUT_H100 = "benchmarks/results/train_throughput_h100.json"
+PATCHING = "benchmarks/results/patching_sweep.json"
+SMOKE = "benchmarks/results/reproduce_smoke.json"
+TINY = "benchmarks/results/reproduce_tiny.json"
+APP = "benchmarks/results/app_first_paint.json"
+GRID = "docs/research/cpu-final/runs.csv"  # the 3-seed tiny-composition grid; its seed-0 runs ship
+
+
+def f1(v: float) -> str:
+    return f"{v:.1f}"
+
+
+def f2(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def f3(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def thousands(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+def percent(v: float) -> str:
+    return f"{100 * v:.0f}%"
+
+
+def seconds(v: float) -> str:
+    return f"{v:.0f}"
+
+
+def minutes_seconds(v: float) -> str:
+    return f"{int(v // 60)}m{int(round(v)) % 60:02d}s"
+
+
+def minutes(v: float) -> str:
+    return f"{v / 60:.0f}"
+
+
+def gflops(v: float) -> str:
+    return f"{v / 1e9:.0f}"
+
+
+def tflops(v: float) -> str:
+    return f"{v / 1e12:.1f}"
+
+
+# (doc, text with {} where the number stands, results file, key, format)
+QUOTES: list[tuple[str, str, str, str, Callable[[Any], str]]] = [
+    # training throughput (benchmarks/train_throughput.py)
+    ("docs/training.md", "| tiny-composition | CPU, 1 thread | {} |", THROUGHPUT, "results[preset=tiny-composition].steps_per_s", f1),
+    ("docs/training.md", "| CPU, 1 thread | 17.6 | {} |", THROUGHPUT, "results[preset=tiny-composition].tokens_per_s", thousands),
+    ("docs/training.md", "| 13,478 | {} of", THROUGHPUT, "results[preset=tiny-composition].mfu", f2),
+    ("docs/training.md", "0.61 of {} GFLOP/s", THROUGHPUT, "results[preset=tiny-composition].peak_flops_per_s", gflops),
+    ("docs/training.md", "2 cores shared, load {} |", THROUGHPUT, "machine.load_average.0", f1),
+    ("docs/training.md", "| tiny-depth (stage 2: 3-token queries) | CPU, 1 thread | {} |", THROUGHPUT, "results[preset=tiny-depth].steps_per_s", f1),
+    ("docs/training.md", "| CPU, 1 thread | 17.7 | {} |", THROUGHPUT, "results[preset=tiny-depth].tokens_per_s", thousands),
+    ("docs/training.md", "| 13,557 | {} |", THROUGHPUT, "results[preset=tiny-depth].mfu", f2),
+    ("docs/training.md", "| tiny-composition | H100, bf16 | {} |", THROUGHPUT_H100, "results[preset=tiny-composition].steps_per_s", f1),
+    ("docs/training.md", "| H100, bf16 | 64.4 | {} |", THROUGHPUT_H100, "results[preset=tiny-composition].tokens_per_s", thousands),
+    ("docs/training.md", "| paper-composition | H100, bf16 | {} |", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
+    ("docs/training.md", "| H100, bf16 | 16.3 | {} |", THROUGHPUT_H100, "results[preset=paper-composition].tokens_per_s", thousands),
+    ("docs/training.md", "| 25,087 | {} TFLOP/s", THROUGHPUT_H100, "results[preset=paper-composition].model_flops_per_s", tflops),
+    ("docs/analyses.md", "at {} steps/s", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
+    ("analyses/reproduce.py", "paper-composition trains at {} steps/s on one H100", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
+    ("analyses/reproduce.py", "comp-r4's 1.5M steps take ~{} h", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", lambda v: f"{1_500_000 / v / 3600:.1f}"),
+    ("docs/analyses.md", "comp-r4's 1,500,000 steps take ~{} h", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", lambda v: f"{1_500_000 / v / 3600:.1f}"),
+    # R = 1, 2, 4, 8 and an 8-layer vanilla model cost 0.25 + 0.5 + 1 + 2 + 0.5 = 4.25 x comp-r4
+    ("docs/analyses.md", "~{} days one after another", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", lambda v: f"{4.25 * 1_500_000 / v / 86400:.1f}"),
+    ("analyses/reproduce.py", "~{} days one after another", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", lambda v: f"{4.25 * 1_500_000 / v / 86400:.1f}"),
+    ("docs/research/README.md", "trains at **{} steps/s**", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
+    ("README.md", "`paper-composition` at {} steps/s", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
+    # patching sweep (benchmarks/patching_sweep.py)
+    ("docs/interp.md", "on one CPU thread: about {} s", PATCHING, "seconds_best_of_5.interp_batch_size_4096", f1),
+    ("docs/interp.md", "against {}-", PATCHING, "seconds_best_of_5.transformer_lens_one_forward_per_cell", f1),
+    ("docs/interp.md", "-{} s for `transformer_lens.patching`", PATCHING, "seconds_best_of_5.transformer_lens_end_to_end", f1),
+    # looplens app's first paint (benchmarks/app_first_paint.py): before, after, bare Streamlit
+    ("docs/app.md", "| title (first visit) | {} |", APP, "variants.baseline 3de0b9d.summary.median_first_title_s", f3),
+    ("docs/app.md", "| 23.863 | {} |", APP, "variants.working tree.summary.median_first_title_s", f3),
+    ("docs/app.md", "| 2.818 | {} |", APP, "variants.floor.summary.median_first_title_s", f3),
+    ("docs/app.md", "| spinner (first visit) | none shown | {} |", APP, "variants.working tree.summary.median_first_spinner_s", f3),
+    ("docs/app.md", "| first chart (first visit) | {} |", APP, "variants.baseline 3de0b9d.summary.median_first_chart_s", f3),
+    ("docs/app.md", "| 32.098 | {} |", APP, "variants.working tree.summary.median_first_chart_s", f3),
+    ("docs/app.md", "| title (second visit) | {} |", APP, "variants.baseline 3de0b9d.summary.median_second_title_s", f3),
+    ("docs/app.md", "| 2.298 | {} |", APP, "variants.working tree.summary.median_second_title_s", f3),
+    ("docs/app.md", "| 1.987 | {} |", APP, "variants.floor.summary.median_second_title_s", f3),
+    ("docs/app.md", "| first chart (second visit) | {} |", APP, "variants.baseline 3de0b9d.summary.median_second_chart_s", f3),
+    ("docs/app.md", "| 15.508 | {} |", APP, "variants.working tree.summary.median_second_chart_s", f3),
+    # looplens reproduce (benchmarks/reproduce_time.py)
+    ("README.md", "checks the plumbing in {} s of CPU time", SMOKE, "cpu_seconds", seconds),
+    ("README.md", "CPU time ({} s of wall time here", SMOKE, "wall_seconds", seconds),
+    ("README.md", "other work at load average {}:", SMOKE, "load_average_before.0", f1),
+    ("docs/analyses.md", "# plumbing check: {} s of CPU time", SMOKE, "cpu_seconds", seconds),
+    ("docs/analyses.md", "measured {} s of CPU time for the whole command", SMOKE, "cpu_seconds", seconds),
+    ("docs/analyses.md", "whole command: {} s of wall time", SMOKE, "wall_seconds", seconds),
+    ("docs/analyses.md", "({} s of stages)", SMOKE, "stage_seconds_total", seconds),
+    ("docs/analyses.md", "while other work ran at load average {};", SMOKE, "load_average_before.0", f1),
+    ("docs/analyses.md", "train:comp-r2: done in {} s", SMOKE, "stages.train:comp-r2", f1),
+    ("docs/analyses.md", "study:systematic: done in {} s", SMOKE, "stages.study:systematic", f1),
+    ("docs/analyses.md", "report: done in {} s", SMOKE, "stages.report", f1),
+    ("docs/analyses.md", "0 skipped, {} s)", SMOKE, "stage_seconds_total", seconds),
+    ("README.md", "`looplens reproduce` took {} s", TINY, "stage_seconds_total", thousands),
+    ("README.md", "from a fresh clone ({} with the install", TINY, "demo_wall_seconds", minutes_seconds),
+    ("docs/analyses.md", "took **{} s", TINY, "stage_seconds_total", thousands),
+    ("docs/analyses.md", "`bash scripts/demo.sh`, {} wall", TINY, "demo_wall_seconds", minutes_seconds),
+    ("docs/analyses.md", "comp-looped {} s", TINY, "stages.train:comp-looped", seconds),
+    ("docs/analyses.md", "comp-vanilla {} s", TINY, "stages.train:comp-vanilla", seconds),
+    ("docs/analyses.md", "comp-random-tail {} s", TINY, "stages.train:comp-random-tail", seconds),
+    ("docs/analyses.md", "depth-fixed {} s", TINY, "stages.train:depth-fixed", seconds),
+    ("docs/analyses.md", "depth-dynamic {} s", TINY, "stages.train:depth-dynamic", seconds),
+    # the tiny-composition grid (docs/research/cpu-final) and its seed-0 runs, shipped in analyses/shipped_run
+    ("docs/training.md", "(8,000 steps, ~{} minutes on one thread)", GRID, "[run=docs/research/cpu-final/runs/control-s0].wall_seconds", minutes),
+    ("docs/training.md", "test_inferred_id >= 0.9 by step ~{} ", GRID, "[run=docs/research/cpu-final/runs/control-s0].steps_to_id", thousands),
+    ("docs/training.md", "strict OOD (test_inferred_ood) {} at the end on seed 0", GRID, "[run=docs/research/cpu-final/runs/control-s0].final_ood", f2),
+    ("README.md", "| 8,000 ({} s) | 8,000", GRID, "[run=docs/research/cpu-final/runs/control-s0].wall_seconds", seconds),
+    ("README.md", "s) | 8,000 ({} s) |", GRID, "[run=docs/research/cpu-final/runs/vanilla-s0].wall_seconds", seconds),
+    # configuration values quoted in prose
+    ("docs/DECISIONS.md", "{} atomic per batch", "models/presets/tiny-composition.toml", "optim.atomic_share", percent),
+    ("docs/analyses.md", "comp-r4's {} steps", "models/presets/paper-composition.toml", "run.max_steps", thousands),
+]
+
+
+def _select(rows: list[dict], selector: str) -> dict:
+    """rows[key=value,...]: the one row whose fields match."""
+    want = dict(part.split("=", 1) for part in selector.split(","))
+    found = [r for r in rows if all(str(r.get(k)) == v for k, v in want.items())]
+    assert len(found) == 1, f"{selector}: {len(found)} matching rows"
+    return found[0]
+
+
+def lookup(source: str, key: str) -> Any:
+    path = ROOT / source
+    if path.suffix == ".csv":
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        m = re.fullmatch(r"\[(.+?)\]\.(.+)", key)
+        assert m, f"{key}: a CSV key is [column=value].column"
+        value = _select(rows, m.group(1))[m.group(2)]
+        return float(value) if re.fullmatch(r"-?[\d.]+(e-?\d+)?", value) else value
+    data: Any = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    # dots separate keys, except inside [...] and in keys holding a colon (stage names: "train:comp-r4")
+    for part in re.findall(r"[^.\[]+(?:\[[^\]]*\])?|\[[^\]]*\]", key):
+        m = re.fullmatch(r"([^\[]*)(?:\[(.+)\])?", part)
+        name, selector = m.group(1), m.group(2)
+        if name and isinstance(data, list):
+            data = data[int(name)]  # a list index: load_average_before.0
+        elif name:
+            data = data[name]
+        if selector:
+            data = _select(data, selector)
+    return data
+
+
+def _doc(doc: str) -> str:
+    return (ROOT / doc).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("doc, text, source, key, fmt",
+                         [pytest.param(*q, id=f"{q[0]}:{q[3]}") for q in QUOTES])
+def test_quoted_number_matches_its_results_file(doc, text, source, key, fmt):
+    value = lookup(source, key)
+    quote = " ".join(text.format(fmt(value)).split())
+    body = " ".join(_doc(doc).split())  # line breaks in the doc do not matter
+    assert quote in body, (
+        f"{doc} should quote {source} {key} = {value!r} as {quote!r}; the doc says something else "
+        "(re-measured? then update the doc; reworded? then update QUOTES)")
+
+
+def _linked_docs(doc: str) -> list[str]:
+    """The markdown files a doc links to (relative links), so a summary may cite through its details page."""
+    base = (ROOT / doc).parent
+    links = re.findall(r"\]\(([^)#\s]+\.md)\)", _doc(doc))
+    return [str((base / link).resolve().relative_to(ROOT)) for link in links if (base / link).is_file()]
+
+
+def test_docs_cite_the_benchmark_files_they_quote():
+    for doc, _, source, _, _ in QUOTES:
+        if source.startswith("benchmarks/results/"):
+            name = Path(source).name
+            assert name in _doc(doc) or any(name in _doc(d) for d in _linked_docs(doc)), (
+                f"{doc} quotes {source} without naming it (or linking a page that does)")
+
+
+def test_lookup_reads_json_csv_and_toml():
+    assert lookup(THROUGHPUT_H100, "results[preset=paper-composition].device") == "cuda"
+    assert lookup(GRID, "[run=docs/research/cpu-final/runs/vanilla-s0].final_ood") == 0.0
+    assert lookup("models/presets/tiny-composition.toml", "model.n_blocks") == 1
+    assert lookup(THROUGHPUT, "machine.load_average.0") == pytest.approx(1.7, abs=0.01)
+    with pytest.raises(AssertionError, match="0 matching rows"):
+        lookup(THROUGHPUT, "results[preset=nope].steps_per_s")
