@@ -112,7 +112,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="device for training (run.device) and the studies (default: the plan's)")
     r.add_argument("--overwrite", action="store_true", help="delete an existing reproduce --out and start over")
-    r.add_argument("--dry-run", action="store_true", help="print the runs and stages, do nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the runs, stages and each run's expected GPU-hours (docs/scale.md); do nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars or stage lines; one line at the end")
     from looplens.analyses.launch import add_launcher_arguments  # stdlib only: cheap
 

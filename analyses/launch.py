@@ -19,8 +19,10 @@ ends with the same run directories an uninterrupted grid writes.
   workers straight under ``--out``, which must therefore be a path every worker can reach (a shared
   filesystem; docs/scale.md). Each task checks that before training and fails with a one-line error
   otherwise. Ray is an optional extra: ``pip install 'looplens[ray]'``.
+- ``submitit``: one job per run (SLURM, or local processes), requeued on preemption or timeout and then
+  resuming from the run's checkpoint; ``pip install 'looplens[submitit]'``.
 
-This module imports neither torch nor ray at import time (the CLI imports it to add its flags).
+This module imports neither torch, ray nor submitit at import time (the CLI imports it to add its flags).
 """
 
 from __future__ import annotations
@@ -476,12 +478,13 @@ def add_launcher_arguments(parser: Any, jobs: bool = False) -> None:
                         "instance); submitit: the SLURM partition (empty: SLURM's default, or local processes without SLURM; "
                         "'local': local processes)")
     parser.add_argument("--cpus-per-run", type=float, default=None, metavar="N",
-                        help="Ray: CPUs each run declares (default: run.threads, at least 1)")
+                        help="ray/submitit: CPUs each run declares (default: run.threads, at least 1)")
     parser.add_argument("--gpus-per-run", type=float, default=None, metavar="G",
-                        help="Ray: GPUs each run declares, a fraction packs runs on one GPU (default: 1 when the "
-                        "run's device is cuda, else 0)")
+                        help="ray/submitit: GPUs each run declares; on Ray a fraction packs runs on one GPU "
+                        "(default: 1 when the run's device is cuda, else 0)")
     parser.add_argument("--max-retries", type=int, default=3, metavar="N",
-                        help="Ray: times a run is restarted (from its last checkpoint) after its worker dies (default 3)")
+                        help="ray: restarts of a run whose worker died; submitit: requeues after preemption or "
+                        "timeout; each resumes from the run's last checkpoint (default 3)")
     if jobs:
         parser.add_argument("--jobs", type=int, default=1, metavar="N",
                             help="local launcher: runs trained at once, one process each (default 1)")
