@@ -168,10 +168,12 @@ def _worker(config: dict[str, Any], run_dir: str, marker: str, cwd: str) -> dict
     run_dir_path = Path(run_dir)
     if marker and not (run_dir_path.parent / marker).exists():
         raise LaunchError(f"--out: {run_dir_path.parent} is not visible from worker {socket.gethostname()} "
-                          "(Ray workers write the run directories themselves, so --out must be on a filesystem "
+                          "(the workers write the run directories themselves, so --out must be on a filesystem "
                           "every node mounts at the same path; see docs/scale.md)")
     if cwd and Path(cwd).is_dir():  # relative paths in the config (run.data_root) mean what they meant to the driver
         os.chdir(cwd)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a grid run is one process: never join a torchrun job
+        os.environ.pop(key, None)  # (a pod's PyTorch-job variables would make the trainer wait for peers)
     record = _record_attempt(run_dir_path) if marker else {}
     info = train_run(config, run_dir_path, progress=False)
     return {**info, "attempts": record.get("attempt", 1), "host": record.get("host", "")}

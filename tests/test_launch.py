@@ -73,6 +73,25 @@ def test_local_launcher_trains_skips_finished_and_reports(tmp_path):
     assert "finished earlier (step 20, max_steps), skipped" in "\n".join(lines)
 
 
+def test_a_worker_that_cannot_see_out_refuses_to_train(tmp_path):
+    job = _job(tmp_path, "a")
+    job.run_dir.parent.mkdir(parents=True)
+    with pytest.raises(launch.LaunchError, match="is not visible from worker .*every node mounts"):
+        launch._worker(job.config, str(job.run_dir), ".looplens-shared-missing", "")
+    assert not job.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_grid_worker_ignores_torchrun_variables(tmp_path, monkeypatch):
+    job = _job(tmp_path, "a", run__max_steps=10)
+    job.run_dir.parent.mkdir(parents=True)
+    (job.run_dir.parent / ".marker").write_text("")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. a PyTorch-job pod: the run must not wait for a peer
+    monkeypatch.setenv("RANK", "0")
+    info = launch._worker(job.config, str(job.run_dir), ".marker", "")
+    assert info["step"] == 10 and info["attempts"] == 1 and "WORLD_SIZE" not in os.environ
+
+
 def _throughput_file(tmp_path: Path, steps_per_s: float) -> Path:
     path = tmp_path / "throughput.json"
     path.write_text(json.dumps({"machine": {"cuda": "Test GPU"}, "results": [
