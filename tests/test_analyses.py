@@ -165,6 +165,7 @@ def test_report_cli_named_study_must_apply(runs, tmp_path, capsys):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_report_png(runs, tmp_path):
     from looplens.analyses.report import chromium_path
 

@@ -133,6 +133,7 @@ def test_numpy_scalars_and_tuples_become_plain_values():
     assert TrainConfig.from_dict({"optim": {"betas": (0.9, 0.95)}}).optim.betas == [0.9, 0.95]
 
 
+@pytest.mark.slow
 def test_validation_does_not_import_pydantic_until_used():
     import subprocess
     import sys
