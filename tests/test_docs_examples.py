@@ -145,3 +145,12 @@ def test_command_line_parses(argv: list[str], capsys: pytest.CaptureFixture):
         raise AssertionError from exit_  # unreachable: pytest.fail raises
     assert callable(getattr(args, "func", None)), argv
 
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    quickstart = next(b for b in BASH if b.doc == "README.md")  # the first bash block: the quickstart
+    commands = [line.split("#")[0].strip() for line in quickstart.code.splitlines() if line.strip()]
+    assert "bash scripts/test.sh" in commands, commands
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert ci[-1] == "bash scripts/test.sh", ".ci/run must end by running README's test command, unchanged"
