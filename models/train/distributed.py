@@ -146,12 +146,20 @@ def check_agree(dist: Dist, value: int, device: torch.device, what: str) -> None
 
 def shard(dist: Dist, rows: np.ndarray) -> np.ndarray:
     """This rank's rows of the global batch: every world_size-th row, so hop counts and atomic facts
-    spread over the ranks as they are spread over the batch."""
+    spread over the ranks as they are spread over the batch.
+
+    >>> shard(Dist(1, 2, 1), np.arange(5))
+    array([1, 3])
+    """
     return rows[dist.rank :: dist.world_size] if dist.enabled else rows
 
 
 def loss_scale(dist: Dist, n_local: int, n_global: int) -> float:
-    """Factor on a rank's mean loss so that DDP's gradient average is the global batch's mean-loss gradient."""
+    """Factor on a rank's mean loss so that DDP's gradient average is the global batch's mean-loss gradient.
+
+    >>> [loss_scale(Dist(r, 2, r), n, 5) for r, n in ((0, 3), (1, 2))]  # (1.2 m0 + 0.8 m1) / 2 = (3 m0 + 2 m1) / 5
+    [1.2, 0.8]
+    """
     return n_local * dist.world_size / n_global if dist.enabled else 1.0
 
 
