@@ -12,6 +12,9 @@ checked. Checkpoints and the resumable state are written at log-spaced steps, ev
 ``run.checkpoint_every`` / ``run.save_every`` steps, and at the end. A resumed run replays exactly:
 model, optimizer, Grokfast EMA, both samplers, every RNG, the curriculum and the partly filled
 train-loss window are restored, and metrics.csv is truncated to the saved length.
+
+Under ``torchrun --nproc_per_node N`` the step is data-parallel (DDP over an identically drawn global
+batch; rank 0 evaluates and writes): see models/train/distributed.py.
 """
 
 from __future__ import annotations
