@@ -177,9 +177,9 @@ def entity_ids(model: LoopedTransformer) -> Int[Tensor, " n_entities"]:
 # ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def analysis_mode(model: LoopedTransformer) -> Iterator[None]:
-    """Eval mode and no grad for the duration; train/eval state, default iteration count and the binding
-    of virtual layers restored afterwards, also on error. Hooks are added only through ``model.hooks()``,
-    which removes them on exit."""
+    """Eval mode and no grad for the duration; train/eval state and default iteration count restored
+    afterwards, also on error. Hooks are added only through ``model.hooks()``, which removes them on exit.
+    (The loop driver binds each virtual layer it runs to its weights, so no binding needs restoring.)"""
     was_training = model.training
     n_iterations = model.cfg.n_iterations
     model.eval()

@@ -90,10 +90,12 @@ class HookedLoopedModel(HookedRootModule):
                 self.mod_dict[f"loop.{t}.blocks.{l}.{match.group(2)}"] = module
 
     def _bind(self, n_iterations: int) -> None:
-        """Point each virtual layer of a run of ``n_iterations`` at its physical weights.
+        """Point every virtual layer of a run of ``n_iterations`` at its physical weights, for attribute
+        reads (ActivationCache reads ``model.blocks[v].attn.W_O`` etc. through ModelAtIterations).
 
         Without a coda the binding does not depend on n_iterations (v -> core[(v - P) % L]); with one,
-        the coda's virtual indices move with the iteration count, so rebinding happens per run.
+        the coda's virtual indices move with the iteration count. Running does not rely on it: each step
+        binds the layers it runs (:meth:`_block`).
         """
         if self._bound_iterations == n_iterations:
             return
