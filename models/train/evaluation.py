@@ -91,19 +91,10 @@ def readout_per_iteration(model, tokens: Int[Tensor, "batch pos"], iterations: l
     wanted = sorted(set(iterations))
     if model.cfg.n_coda:  # the coda's virtual layers move with the iteration count: one run per count
         return {t: model.predict(tokens, n_iterations=t).float() for t in wanted}
-    top = wanted[-1]
-    # A one-row forward binds every virtual layer of a top-iteration run to its weights (public API);
-    # embed_tokens / iterate / readout then run the loop step by step.
-    model(tokens[:1], n_iterations=top, return_type=None)
-    pos = model.readout_positions(tokens)
-    batch = torch.arange(tokens.shape[0], device=tokens.device)
-    state = model.embed_tokens(tokens)
-    injected = state
     out = {}
-    for t in range(top):
-        state = model.iterate(state, t, injected)
-        if t + 1 in wanted:
-            out[t + 1] = model.readout(state[batch, pos][:, None], t + 1)[:, 0].float()
+    for step in model.steps(tokens, wanted[-1]):  # the model's loop driver: one pass up to the largest
+        if step.iteration + 1 in wanted:
+            out[step.iteration + 1] = step.answer_logits().float()
     return out
 
 
