@@ -109,10 +109,16 @@ class _UsesParams(nn.Module):
             raise
 
 
+def _has_hooks(hook_point: HookPoint) -> bool:
+    """Whether a forward or backward hook is attached (TransformerLens attaches them as module hooks)."""
+    return bool(hook_point._forward_hooks or hook_point._backward_hooks)
+
+
 class LayerNorm(_UsesParams):
     """TransformerLens's LayerNorm ("LN"): centre, divide by the RMS (hook_scale), affine.
 
     As in TransformerLens, hook_normalized is the centred and scaled input *before* the affine map.
+    With no hook attached to either hook point the same map runs as one fused ``F.layer_norm``.
     """
 
     def __init__(self, cfg: LoopedConfig, params: LayerNormParams, own: bool = False):
@@ -122,6 +128,9 @@ class LayerNorm(_UsesParams):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model], before w and b
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if not (_has_hooks(self.hook_scale) or _has_hooks(self.hook_normalized)):
+            # the same map in one fused kernel (biased variance, eps inside the root): tests/test_fast_path.py
+            return F.layer_norm(x, x.shape[-1:], self.params.w, self.params.b, self.eps)
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale) * self.params.w + self.params.b
@@ -147,23 +156,22 @@ class Attention(_UsesParams):
         self.dropout_p = cfg.dropout
 
     def _needs_pattern(self) -> bool:
-        return bool(self.hook_attn_scores.fwd_hooks or self.hook_pattern.fwd_hooks)
+        return _has_hooks(self.hook_attn_scores) or _has_hooks(self.hook_pattern)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         p, cfg = self.params, self.cfg
         batch, n_pos, _ = x.shape
-        # q, k, v in one GEMM: the per-head weights [head, d_model, d_head] laid side by side.
-        W_qkv = einops.rearrange(
-            torch.stack([p.W_Q, p.W_K, p.W_V]), "three head d_model d_head -> d_model (three head d_head)"
-        )
-        b_qkv = einops.rearrange(torch.stack([p.b_Q, p.b_K, p.b_V]), "three head d_head -> (three head d_head)")
+        # q, k, v in one GEMM: the per-head weights [head, d_model, d_head] laid side by side, i.e.
+        # "three head d_model d_head -> d_model (three head d_head)" (plain permute/reshape: this runs per layer)
+        W_qkv = torch.stack([p.W_Q, p.W_K, p.W_V]).permute(2, 0, 1, 3).reshape(x.shape[-1], -1)
+        b_qkv = torch.stack([p.b_Q, p.b_K, p.b_V]).reshape(-1)  # "three head d_head -> (three head d_head)"
         qkv = torch.addmm(b_qkv, x.reshape(batch * n_pos, -1), W_qkv).view(batch, n_pos, 3, cfg.n_heads, cfg.d_head)
         q = self.hook_q(qkv[:, :, 0])  # [batch, pos, head_index, d_head]
         k = self.hook_k(qkv[:, :, 1])
         v = self.hook_v(qkv[:, :, 2])
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
         dropout = self.dropout_p if self.training else 0.0
         if self._needs_pattern():
+            causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
             scores = einops.einsum(
                 q, k, "batch q_pos head_index d_head, batch k_pos head_index d_head -> batch head_index q_pos k_pos"
             ) / cfg.attn_scale
@@ -175,9 +183,9 @@ class Attention(_UsesParams):
                 pattern, v, "batch head_index q_pos k_pos, batch k_pos head_index d_head -> batch q_pos head_index d_head"
             )
         else:
-            z = F.scaled_dot_product_attention(
+            z = F.scaled_dot_product_attention(  # is_causal: no mask tensor, the causal kernel
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=causal, dropout_p=dropout, scale=1.0 / cfg.attn_scale,
+                is_causal=True, dropout_p=dropout, scale=1.0 / cfg.attn_scale,
             ).transpose(1, 2)
         z = self.hook_z(z)
         out = torch.addmm(p.b_O, z.reshape(batch * n_pos, -1), p.W_O.reshape(-1, cfg.d_model))

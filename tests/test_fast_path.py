@@ -90,3 +90,20 @@ def test_no_hooks_stay_attached_after_a_hooked_run():
     model = _model()
     model.run_with_cache(_tokens())
     assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+def test_with_no_hooks_the_fused_kernels_run():
+    from unittest import mock
+
+    model = _model()
+    tokens = _tokens()
+    layers = model.cfg.n_layers
+    with mock.patch.object(F, "layer_norm", wraps=F.layer_norm) as ln, \
+            mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+        model(tokens)
+        assert ln.call_count == 2 * layers + 1 and sdpa.call_count == layers  # ln1, ln2 per layer; ln_final
+        assert all(call.kwargs.get("is_causal") and call.kwargs.get("attn_mask") is None for call in sdpa.call_args_list)
+        ln.reset_mock(), sdpa.reset_mock()
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda x, hook: None),
+                                                ("blocks.1.attn.hook_pattern", lambda x, hook: None)])
+        assert ln.call_count == 2 * layers and sdpa.call_count == layers - 1  # only the hooked ones unfused
