@@ -366,3 +366,22 @@ def test_embed_dropout_is_separate_from_block_dropout():
     assert same.embed_dropout.p == 0.5 and model.embed_dropout.p == 0.0
     with pytest.raises(ValueError, match="embed_dropout must be"):
         cfg.replace(embed_dropout=1.5)
+
+
+@pytest.mark.slow
+def test_imported_run_goes_through_every_study(imported):
+    """`looplens report` on an imported run: every applicable study (logit lens, hop locator, activation
+    patching, fixed points, overthinking, halting, grokking stages, shortcut) runs on it."""
+    import pandas as pd
+    from looplens.analyses.cli import main
+
+    root, grokked, ckpt, _, _ = imported
+    out = root / "runs" / "paper-r4"
+    assert main(["import-checkpoint", str(ckpt), "--iterations", "4", "--n-heads", str(H), "--data", str(grokked),
+                 "--out", str(out)]) == 0
+    assert main(["report", str(out), "--quiet", "--n-queries", "16", "--max-iterations", "6", "--patch-pairs", "4",
+                 "--fixed-point-iterations", "6"]) == 0
+    studies = {p.name for p in (out / "report" / "studies").iterdir()}
+    assert {"grokking", "halting", "mechanism", "overthinking", "systematic"} <= studies
+    claims = pd.read_csv(out / "report" / "tables" / "claims.csv")
+    assert len(claims) == 6 and claims["verdict"].notna().all()
