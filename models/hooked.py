@@ -29,6 +29,13 @@ _LOOP_NAME = re.compile(r"^loop\.(\d+)\.blocks\.(\d+)\.(.+)$")
 _LOOP_ANY = re.compile(r"^loop\.(\d+)\.")
 
 
+def host_checks(tensor: Tensor) -> bool:
+    """Whether value checks may read ``tensor`` on the host (and so name the bad value): eagerly on the CPU,
+    where that costs nothing. Under torch.compile a host read breaks the graph, and on an accelerator it
+    synchronises every step: there the checks are device-side asserts (``torch._assert_async``)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class HookedLoopedModel(HookedRootModule):
     """The TransformerLens surface of a looped model (the base class of :class:`LoopedTransformer`).
 
@@ -209,7 +216,10 @@ class HookedLoopedModel(HookedRootModule):
             raise ValueError("tokens must have at least one position")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+        if tokens.numel() and not host_checks(tokens):
+            torch._assert_async(((tokens >= 0) & (tokens < self.cfg.d_vocab)).all(),
+                                f"token ids must be in [0, d_vocab={self.cfg.d_vocab})")
+        elif tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
             raise ValueError(
                 f"token ids must be in [0, d_vocab={self.cfg.d_vocab}), got min {int(tokens.min())}, max {int(tokens.max())}"
             )
@@ -259,6 +269,22 @@ class HookedLoopedModel(HookedRootModule):
             yield self
         finally:
             self.cfg.n_iterations = old
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the model's calls made with no hook attached (arguments as torch.compile's).
+
+        A call with any hook attached (run_with_hooks, run_with_cache, add_hook) runs eagerly: dynamo does
+        not guard on hooks added after compilation, so a compiled graph would silently skip them.
+        """
+        self.__dict__["_compiled_call"] = torch.compile(self._call_impl, *args, **kwargs)
+
+    def _wrapped_call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        compiled = self.__dict__.get("_compiled_call")
+        if compiled is not None and not any(hp._forward_hooks or hp._backward_hooks for hp in self.hook_dict.values()):
+            return compiled(*args, **kwargs)
+        return self._call_impl(*args, **kwargs)
+
+    __call__ = _wrapped_call_impl
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):

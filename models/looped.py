@@ -32,7 +32,7 @@ from looplens.models.components import (
     init_block_params,
 )
 from looplens.models.config import LoopedConfig
-from looplens.models.hooked import HookedLoopedModel, LoopedActivationCache, ModelAtIterations
+from looplens.models.hooked import HookedLoopedModel, LoopedActivationCache, ModelAtIterations, host_checks
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
@@ -220,7 +220,9 @@ class LoopedTransformer(HookedLoopedModel):
         if self.cfg.pad_token_id is None:
             return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
         lengths = (tokens != self.cfg.pad_token_id).sum(-1)
-        if bool((lengths == 0).any()):
+        if not host_checks(lengths):  # compiled, or on an accelerator: no host read (hooked.host_checks)
+            torch._assert_async((lengths > 0).all(), "a query consists only of padding tokens")
+        elif bool((lengths == 0).any()):
             raise ValueError("a query consists only of padding tokens")
         return lengths - 1
 

@@ -107,3 +107,93 @@ def test_with_no_hooks_the_fused_kernels_run():
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda x, hook: None),
                                                 ("blocks.1.attn.hook_pattern", lambda x, hook: None)])
         assert ln.call_count == 2 * layers and sdpa.call_count == layers - 1  # only the hooked ones unfused
+
+
+# --- torch.compile and host reads (issue 16.2, 16.3) ----------------------------------------------------
+HOST_READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy")
+
+
+class _CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values into Python: each is a device synchronisation on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _device_side_checks():
+    """host_checks() as on a GPU or under torch.compile: value checks become device-side asserts."""
+    from unittest import mock
+
+    return mock.patch("looplens.models.hooked.host_checks", return_value=False), \
+        mock.patch("looplens.models.looped.host_checks", return_value=False)
+
+
+def test_device_side_checks_still_reject_bad_token_ids_and_padding_only_queries():
+    model = _model()
+    a, b = _device_side_checks()
+    with a, b:
+        with pytest.raises(RuntimeError, match="token ids must be in"):
+            model(torch.tensor([[1, CFG["d_vocab"], 2]]))
+        with pytest.raises(RuntimeError, match="only of padding"):
+            model.predict(torch.tensor([[1, 2, 3], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="got min 1, max 40"):  # eager CPU: the bad value is named
+        model(torch.tensor([[1, CFG["d_vocab"], 2]]))
+
+
+def test_a_training_step_reads_no_tensor_values_on_the_host(tmp_path):
+    from looplens.models.train import preset
+    from looplens.models.train.optim import make_optimizer
+    from looplens.models.train.trainer import Trainer
+
+    for supervise in ("last", "from_hops"):
+        cfg = preset("smoke-composition").with_overrides([f"recurrence.supervise={supervise}", "model.feedback=1.0"])
+        trainer = Trainer(cfg, tmp_path / supervise, progress=False, command=None)
+        # fused AdamW, as the trainer builds it on CUDA (torch's unfused CPU AdamW reads its step count)
+        trainer.optimizer = make_optimizer(trainer.model, cfg.optim, fused=True)
+        trainer.train_step()
+        a, b = _device_side_checks()
+        with a, b, _CountHostReads() as counter:
+            trainer.train_step()
+        assert counter.reads == [], supervise
+        with _CountHostReads() as counter:  # the counter works: eager CPU checks do read
+            trainer.train_step()
+        assert counter.reads, supervise
+
+
+COMPILE_CHECK = """
+import torch
+from looplens.models import LoopedConfig, LoopedTransformer
+model = LoopedTransformer(LoopedConfig(d_vocab=40, n_ctx=3, d_model=32, n_heads=4, n_blocks=2, n_iterations=3,
+                                       feedback=1.0, seed=0)).eval()
+tokens = torch.randint(1, 40, (16, 3), generator=torch.Generator().manual_seed(1))
+explanation = torch._dynamo.explain(model)(tokens)
+assert explanation.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+eager = model(tokens)
+_, eager_cache = model.run_with_cache(tokens)
+model.compile()
+torch.testing.assert_close(model(tokens), eager, atol=1e-5, rtol=1e-5)
+logits, cache = model.run_with_cache(tokens)
+torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
+assert set(cache.keys()) == set(eager_cache.keys()) and len(cache.keys()) > 100
+torch.testing.assert_close(cache["blocks.3.ln1.hook_scale"], eager_cache["blocks.3.ln1.hook_scale"])
+zeroed = model.run_with_hooks(tokens, fwd_hooks=[("blocks.5.hook_resid_pre", lambda x, hook: torch.zeros_like(x))])
+assert not torch.allclose(zeroed, eager)
+print("ok", explanation.graph_count)
+"""
+
+
+@pytest.mark.slow
+def test_compiled_model_has_no_graph_breaks_and_hooks_and_cache_still_work():
+    # a subprocess: the test run's jaxtyping/beartype call checks (pytest addopts) do not trace under dynamo
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0 and done.stdout.startswith("ok 1"), done.stderr[-3000:]
