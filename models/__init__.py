@@ -25,6 +25,8 @@ _EXPORTS = {
     "LoopStep": "looplens.models.looped",
     "ModelAtIterations": "looplens.models.looped",
     "from_pretrained": "looplens.models.pretrained",
+    "ForeignLoopedModel": "looplens.models.foreign",
+    "wrap_looped": "looplens.models.foreign",
 }
 
 __all__ = sorted(_EXPORTS)
