@@ -13,6 +13,7 @@ from looplens.interp.fixed_points import fixed_point_summary, fixed_points, spec
 from looplens.interp.grokking import grokking_stages, read_metrics
 from looplens.interp.hops import hop_resolution_distribution, locate_hops, resolve_hops, summarize_hops
 from looplens.interp.lens import hop_targets, logit_lens
+from looplens.interp.mirroring import linear_cka, mirroring_heatmap, mirroring_summary, stage_mirroring
 from looplens.interp.overthinking import overthinking, overthinking_summary
 from looplens.interp.patching import activation_patching, logit_diff, make_patching_pairs
 
@@ -25,14 +26,18 @@ __all__ = [
     "hop_resolution_distribution",
     "hop_targets",
     "layer_table",
+    "linear_cka",
     "locate_hops",
     "logit_diff",
     "logit_lens",
     "make_patching_pairs",
+    "mirroring_heatmap",
+    "mirroring_summary",
     "overthinking",
     "overthinking_summary",
     "read_metrics",
     "resolve_hops",
     "spectral_radius",
+    "stage_mirroring",
     "summarize_hops",
 ]
