@@ -27,6 +27,7 @@ _EXPORTS = {
     "from_pretrained": "looplens.models.pretrained",
     "ForeignLoopedModel": "looplens.models.foreign",
     "wrap_looped": "looplens.models.foreign",
+    "retrofit_loop": "looplens.models.foreign",
 }
 
 __all__ = sorted(_EXPORTS)

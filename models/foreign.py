@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-__all__ = ["ForeignConfig", "ForeignLoopedModel", "wrap_looped"]
+__all__ = ["ForeignConfig", "ForeignLoopedModel", "RetrofittedLoop", "retrofit_loop", "wrap_looped"]
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _LOOP_NAME = re.compile(r"^loop\.(\d+)\.blocks\.(\d+)\.(.+)$")
@@ -177,10 +177,10 @@ class ForeignLoopedModel(LoopedTransformer):
         object.__setattr__(self, "ln_final", _resolve(module, final_norm, "final_norm"))
         object.__setattr__(self, "unembed", _resolve(module, unembed, "unembed"))
         object.__setattr__(self, "_embed", _resolve(module, embed, "embed"))
-        W = getattr(self.unembed, "weight", None)
+        W = self.W_U.T if isinstance(getattr(self.unembed, "W_U", None), Tensor) else getattr(self.unembed, "weight", None)
         if not isinstance(W, Tensor) or W.ndim != 2:
             raise ValueError(f"wrap_looped: unembed={unembed!r} must be a module with a [d_vocab, d_model] .weight "
-                             "(an nn.Linear lm_head)")
+                             "(an nn.Linear lm_head) or a [d_model, d_vocab] .W_U")
         self._attn, self._mlp = attn, mlp
         self._iterations_attr, self._iterations_kwarg = iterations_attr, iterations_kwarg
         self.cfg = ForeignConfig(d_vocab=W.shape[0], d_model=W.shape[1], n_blocks=len(lists["blocks"]),
@@ -396,17 +396,20 @@ class ForeignLoopedModel(LoopedTransformer):
     # ------------------------------------------------------------------------------------------------
     @property
     def W_E(self) -> Tensor:
-        """The token embedding ([d_vocab, d_model]; the unembedding's weight when no embed path was given)."""
-        return self._embed.weight if self._embed is not None else self.unembed.weight
+        """The token embedding ([d_vocab, d_model]; the unembedding's transpose when no embed path was given)."""
+        if self._embed is None:
+            return self.W_U.T
+        return self._embed.W_E if isinstance(getattr(self._embed, "W_E", None), Tensor) else self._embed.weight
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.weight.T
+        W_U = getattr(self.unembed, "W_U", None)  # a looplens / TransformerLens Unembed
+        return W_U if isinstance(W_U, Tensor) else self.unembed.weight.T
 
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
-        bias = getattr(self.unembed, "bias", None)
-        return bias if bias is not None else torch.zeros(self.cfg.d_vocab, device=self.unembed.weight.device)
+        bias = getattr(self.unembed, "b_U", getattr(self.unembed, "bias", None))
+        return bias if bias is not None else torch.zeros(self.cfg.d_vocab, device=self.W_U.device)
 
     def check_tokens(self, tokens: Any) -> Int[Tensor, "batch pos"]:
         if isinstance(tokens, str | list) and self.vocab is not None:
@@ -598,7 +601,7 @@ class ForeignLoopedModel(LoopedTransformer):
 
     def _apply(self, fn, recurse: bool = True):  # keep cfg.device in step with .to()/.cuda()/.cpu()
         out = nn.Module._apply(self, fn, recurse)
-        self.cfg.device = str(self.unembed.weight.device)
+        self.cfg.device = str(self.W_U.device)
         return out
 
 
@@ -671,3 +674,95 @@ def wrap_looped(
                               unembed=unembed, embed=embed, prelude=prelude, coda=coda, attn=attn, mlp=mlp,
                               iterations_attr=iterations_attr, iterations_kwarg=iterations_kwarg,
                               pad_token_id=pad_token_id, n_ctx=n_ctx, vocab=vocab)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training-free retrofitted loops
+# ---------------------------------------------------------------------------------------------------
+class DampedRange(nn.Module):
+    """One iteration of a retrofitted loop: ``x <- x + damping * (f(x) - x)``, f = the blocks in order."""
+
+    def __init__(self, blocks: Sequence[nn.Module], damping: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.damping = damping
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        f = x
+        for block in self.blocks:
+            f = block(f)
+        return x + self.damping * (f - x)
+
+
+class RetrofittedLoop(nn.Module):
+    """A trained LoopedTransformer whose blocks ``start..stop-1`` run as a damped loop, ``n_loops`` times.
+
+    Blocks before the range form the prelude, blocks after it the coda; every block computes with the
+    trained model's own weights (shared, not copied). The model's readout feedback and input injection,
+    if any, are not part of the retrofitted loop.
+    """
+
+    def __init__(self, model: LoopedTransformer, start: int, stop: int, n_loops: int, damping: float):
+        from looplens.models.components import TransformerBlock
+
+        super().__init__()
+        cfg = model.cfg
+        if cfg.n_iterations != 1 or cfg.n_prelude or cfg.n_coda:
+            raise ValueError("retrofit_loop: the model must be a vanilla stack (n_iterations=1, no prelude / coda), "
+                             f"got n_iterations={cfg.n_iterations}, n_prelude={cfg.n_prelude}, n_coda={cfg.n_coda}")
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= cfg.n_blocks):
+            raise ValueError(f"retrofit_loop: blocks must be a range start < stop within 0..{cfg.n_blocks}, "
+                             f"got ({start!r}, {stop!r})")
+        if not isinstance(damping, int | float) or not 0 <= damping <= 1:
+            raise ValueError(f"retrofit_loop: damping must be in [0, 1], got {damping!r}")
+        object.__setattr__(self, "base", model)  # a reference: the trained weights stay the model's
+
+        def block(i: int) -> nn.Module:
+            return TransformerBlock(cfg, model.core[i]).train(model.training)
+
+        self.prelude = nn.ModuleList(block(i) for i in range(start))
+        self.loop = nn.ModuleList([DampedRange([block(i) for i in range(start, stop)], float(damping))])
+        self.coda = nn.ModuleList(block(i) for i in range(stop, cfg.n_blocks))
+        self.n_loops = n_loops
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        model = self.base
+        x = model.embed(tokens)
+        if model.cfg.positional == "learned":
+            x = x + model.pos_embed(tokens)
+        for block in self.prelude:
+            x = block(x)
+        for _ in range(self.n_loops):
+            for body in self.loop:
+                x = body(x)
+        for block in self.coda:
+            x = block(x)
+        return model.unembed(model.ln_final(x))
+
+
+def retrofit_loop(model: LoopedTransformer, blocks: tuple[int, int], n_iterations: int = 1, *,
+                  damping: float = 1.0) -> ForeignLoopedModel:
+    """Loop blocks ``start..stop-1`` of a trained vanilla model, training-free: ``x <- x + a (f(x) - x)``.
+
+    Returns the :class:`RetrofittedLoop` wrapped by :func:`wrap_looped`: one loop "block" per iteration
+    (the damped range), so ``loop.{t}.hook_state`` / ``blocks.{P + t}.hook_resid_post`` is the state after
+    iteration t, and every interp function runs on it at any iteration count. ``n_iterations=1`` with
+    ``damping=1`` is the original model.
+
+    >>> from looplens.models import LoopedConfig, LoopedTransformer
+    >>> vanilla = LoopedTransformer(LoopedConfig(d_vocab=9, n_ctx=3, d_model=8, n_heads=2, n_blocks=4,
+    ...                                          n_iterations=1, seed=0)).eval()
+    >>> looped = retrofit_loop(vanilla, (1, 3), n_iterations=1)
+    >>> x = torch.tensor([[1, 2, 3]])
+    >>> torch.allclose(looped(x), vanilla(x), atol=1e-6), looped.cfg.n_prelude, looped.cfg.n_coda
+    (True, 1, 1)
+    """
+    if isinstance(blocks, int) or len(blocks) != 2:
+        raise ValueError(f"retrofit_loop: blocks must be (start, stop), got {blocks!r}")
+    module = RetrofittedLoop(model, int(blocks[0]), int(blocks[1]), n_iterations, damping).train(model.training)
+    object.__setattr__(module, "ln_final", model.ln_final)
+    object.__setattr__(module, "lm_unembed", model.unembed)
+    object.__setattr__(module, "token_embed", model.embed)
+    return wrap_looped(module, blocks="loop", n_iterations=n_iterations, prelude="prelude", coda="coda",
+                       final_norm="ln_final", unembed="lm_unembed", embed="token_embed", iterations_attr="n_loops",
+                       pad_token_id=model.cfg.pad_token_id, n_ctx=model.cfg.n_ctx, vocab=model.vocab)

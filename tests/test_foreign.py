@@ -19,7 +19,7 @@ from looplens.interp import (
     overthinking,
     spectral_radius,
 )
-from looplens.models import LoopedConfig, LoopedTransformer, from_pretrained, wrap_looped
+from looplens.models import LoopedConfig, LoopedTransformer, from_pretrained, retrofit_loop, wrap_looped
 from looplens.models.pretrained import _block_weights
 from torch import nn
 from transformers import GPT2Config
@@ -319,3 +319,80 @@ def test_errors_name_the_problem(paper):
         wrong(queries())
     with pytest.raises(ValueError, match="token ids must be in"):
         wrapped(torch.tensor([[V]]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training-free retrofitted loops
+# ---------------------------------------------------------------------------------------------------
+def vanilla_stack(seed: int = 0) -> LoopedTransformer:
+    cfg = LoopedConfig(d_vocab=V, n_ctx=P, d_model=D, n_heads=H, n_blocks=4, n_iterations=1, seed=seed, init_std=0.2)
+    return LoopedTransformer(cfg).eval()
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_retrofitting_every_block_undamped_is_the_model_run_longer(K):
+    vanilla = vanilla_stack()
+    looped = retrofit_loop(vanilla, (0, 4), K)
+    x = queries()
+    with torch.no_grad():
+        torch.testing.assert_close(looped(x), vanilla(x, n_iterations=K), atol=ATOL, rtol=0)
+        # and the per-iteration state is the vanilla model's resid_post after each pass through its stack
+        _, cache = looped.run_with_cache(x)
+        _, ref = vanilla.run_with_cache(x, n_iterations=K)
+    for t in range(K):
+        torch.testing.assert_close(cache[f"loop.{t}.hook_state"], ref[f"blocks.{4 * t + 3}.hook_resid_post"],
+                                   atol=ATOL, rtol=0)
+
+
+def test_retrofitted_loop_hook_names_and_damping():
+    vanilla = vanilla_stack()
+    x = queries()
+    looped = retrofit_loop(vanilla, (1, 3), 3, damping=0.5)
+    assert (looped.cfg.n_prelude, looped.cfg.n_blocks, looped.cfg.n_coda) == (1, 1, 1)
+    _, cache = looped.run_with_cache(x)
+    assert [k for k in cache.keys() if k.endswith("resid_post")] == [f"blocks.{v}.hook_resid_post" for v in range(5)]
+    # one damped step: x + 0.5 (f(x) - x), f = blocks 1 and 2 of the trained model
+    _, ref = vanilla.run_with_cache(x)
+    x0 = ref["blocks.1.hook_resid_pre"]
+    torch.testing.assert_close(cache["loop.0.hook_state"], x0 + 0.5 * (ref["blocks.2.hook_resid_post"] - x0),
+                               atol=ATOL, rtol=0)
+    frozen = retrofit_loop(vanilla, (1, 3), 4, damping=0.0)  # a = 0: the loop leaves the state where it is
+    fp = fixed_points(frozen, x, n_iterations=4, per_block=False, attention=False, progress=False)
+    assert fp.loc[fp["measure"] == "relative_change", "value"].abs().max() == 0.0
+    lens = logit_lens(looped, x, progress=False, n_iterations=5)
+    assert sorted(lens["stage"].unique()) == ["coda", "embed", "loop", "prelude"]
+    with pytest.raises(ValueError, match="damping must be in"):
+        retrofit_loop(vanilla, (1, 3), damping=1.5)
+    with pytest.raises(ValueError, match="range start < stop within 0..4"):
+        retrofit_loop(vanilla, (3, 1))
+    with pytest.raises(ValueError, match="vanilla stack"):
+        retrofit_loop(LoopedTransformer(vanilla.cfg.replace(n_iterations=2)), (0, 1))
+
+
+@pytest.mark.slow
+def test_shipped_vanilla_retrofit_study():
+    """The study in docs/foreign.md ("Retrofitting the shipped vanilla model"): recomputed, its claims checked."""
+    from looplens.analyses import shipped_run_path
+    from looplens.interp import fixed_point_summary
+    from looplens.models.train import load_run
+
+    run = load_run(shipped_run_path() / "vanilla")
+    vanilla, ds = run.load_model(), run.dataset
+    ents = torch.arange(1, 1 + ds.vocab.n_entities)
+
+    def accuracy(model, split):
+        enc = ds.encode(split)
+        return float((ents[model.predict(enc.tokens)[:, ents].argmax(-1)] == enc.answers).float().mean())
+
+    assert accuracy(vanilla, "test_inferred_id") == 1.0 and accuracy(vanilla, "test_inferred_ood") == 0.0
+    acc = {(a, K): accuracy(retrofit_loop(vanilla, (1, 3), K, damping=a), "test_inferred_id")
+           for a in (0.5, 1.0) for K in (2, 8)}
+    assert acc[(0.5, 2)] == 1.0  # two half steps keep the answer
+    assert acc[(1.0, 2)] < 0.8 and acc[(1.0, 8)] < 0.1 and acc[(0.5, 8)] < 0.1  # more loops break it
+    for K in (2, 8, 16):  # OOD stays (near) zero
+        assert accuracy(retrofit_loop(vanilla, (1, 3), K, damping=1.0), "test_inferred_ood") < 0.05
+    fp = fixed_points(retrofit_loop(vanilla, (1, 3), 1, damping=0.5), ds.encode("test_inferred_id").tokens[:200],
+                      n_iterations=32, positions="readout", per_block=False, attention=False, progress=False)
+    change = fp[fp["measure"] == "relative_change"].groupby("iteration")["value"].median()
+    assert change.iloc[0] > 0.2 and change.iloc[31] < 0.06  # the state slows down ...
+    assert not fixed_point_summary(fp, tol=1e-2)["converged"].any()  # ... but settles nowhere within 32
