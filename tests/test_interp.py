@@ -250,7 +250,9 @@ def test_attention_by_iteration_matches_the_cache():
     for ex, layer, head in [(0, 0, 1), (1, 3, 0), (2, 2, 1)]:
         got = att[(att.example == ex) & (att.layer == layer) & (att["head"] == head)].sort_values("key_position")
         want = cache[f"blocks.{layer}.attn.hook_pattern"][ex, head, readout[ex], : readout[ex] + 1]
-        np.testing.assert_allclose(got["weight"], want.numpy(), rtol=1e-6)
+        # rtol 1e-5: the full cache attaches LayerNorm hooks (unfused LN), attention_by_iteration caches the
+        # patterns only, so its LayerNorms take the fused F.layer_norm fast path (same maths, ~1e-6 apart).
+        np.testing.assert_allclose(got["weight"], want.numpy(), rtol=1e-5)
         assert (got["query_position"] == int(readout[ex])).all()
     sums = att.groupby(["example", "layer", "head", "query_position"])["weight"].sum()
     np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
