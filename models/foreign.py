@@ -249,6 +249,9 @@ class ForeignLoopedModel(LoopedTransformer):
             run.layer = v
             if stage == "coda":
                 self._coda_calls[index] = (args[1:], kwargs)
+            if not args and "hidden_states" not in kwargs:
+                raise RuntimeError(f"wrap_looped: {stage} block {index} was called without a positional hidden state "
+                                   "or a hidden_states= argument; the wrapper cannot tell which input is the stream")
             x = args[0] if args else kwargs["hidden_states"]
             x = run.replace_input.pop(v, x)
             if stage == "loop" and v == self.cfg.n_prelude:

@@ -396,3 +396,28 @@ def test_shipped_vanilla_retrofit_study():
     change = fp[fp["measure"] == "relative_change"].groupby("iteration")["value"].median()
     assert change.iloc[0] > 0.2 and change.iloc[31] < 0.06  # the state slows down ...
     assert not fixed_point_summary(fp, tol=1e-2)["converged"].any()  # ... but settles nowhere within 32
+
+
+def test_hidden_state_passed_by_keyword(paper):
+    """transformers-style callers pass the stream as hidden_states=...: the hooks find it there too."""
+    module, _, reference = paper
+
+    class KeywordCaller(PaperLoopedGPT2):
+        def forward(self, tokens):
+            pos = torch.arange(tokens.shape[1])
+            h = self.token_embedding(tokens) + self.position_embedding(pos)
+            for _ in range(self.R):
+                for block in self.blocks:
+                    h = block_out(block(hidden_states=h, attention_mask=causal_mask(tokens.shape[1])))
+            return self.lm_head(self.ln_f(h))
+
+    caller = KeywordCaller()
+    caller.load_state_dict(module.state_dict())
+    wrapped = wrap_looped(caller.eval(), n_iterations=R, embed="token_embedding", pad_token_id=0)
+    x = queries()
+    with torch.no_grad():
+        got, cache = wrapped.run_with_cache(x)
+        want, ref = reference.run_with_cache(x)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache["loop.2.blocks.1.hook_resid_pre"], ref["loop.2.blocks.1.hook_resid_pre"],
+                               atol=ATOL, rtol=0)
