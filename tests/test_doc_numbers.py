@@ -144,6 +144,16 @@ QUOTES: list[tuple[str, str, str, str, Callable[[Any], str]]] = [
     # configuration values quoted in prose
     ("docs/DECISIONS.md", "{} atomic per batch", "models/presets/tiny-composition.toml", "optim.atomic_share", percent),
     ("docs/analyses.md", "comp-r4's {} steps", "models/presets/paper-composition.toml", "run.max_steps", thousands),
+    # issue 16's performance work (benchmarks/README.md)
+    ("benchmarks/README.md", "wall-clock medians): tiny forward {}x", "benchmarks/results/zero_cost_hooks_before.json", "results[size=tiny].forward_ratio", f3),
+    ("benchmarks/README.md", "tiny forward 1.106x, train step {}x", "benchmarks/results/zero_cost_hooks.json", "results[size=tiny].step_ratio", f3),
+    ("benchmarks/README.md", "tiny forward {}x, train step", "benchmarks/results/zero_cost_hooks.json", "results[size=tiny].forward_ratio", f3),
+    ("benchmarks/README.md", "paper width forward {}x, train step 1.057x", "benchmarks/results/zero_cost_hooks.json", "results[size=paper].forward_ratio", f3),
+    ("benchmarks/README.md", "Before (`compile_step_before.json`): {} graph breaks", "benchmarks/results/compile_step_before.json", "forward_graph_breaks.graph_breaks", str),
+    ("benchmarks/README.md", "step compiled / eager is {} in", "benchmarks/results/compile_step.json", "train_step.compiled_over_eager", f3),
+    ("benchmarks/README.md", "8 seeds take {}x one seed's step", "benchmarks/results/ensemble_train.json", "results[threads=1].step_ratio", f2),
+    ("benchmarks/README.md", "evaluation took {} of the run", "benchmarks/results/eval_share.json", "eval_share_measured", lambda v: f"{100 * v:.1f}%"),
+    ("benchmarks/README.md", "took 9.1% of the run (`eval_share_measured`; 3 evaluations of 4,533 queries up to 8 iterations), {}", "benchmarks/results/eval_share.json", "full_run.eval_share_projected", lambda v: f"{100 * v:.1f}%"),
 ]
 
 
