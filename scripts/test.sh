@@ -4,7 +4,7 @@
 #   bash scripts/test.sh -k patching
 # The fast tier (no install, no slow tests) is `.venv/bin/python -m pytest -m "not slow"` (CONTRIBUTING.md).
 # Main environment: TransformerLens 4.x in .venv. Compatibility: TransformerLens 3.9 in .venv-tl39, where
-# the tests marked tl_compat compare our model with HookedTransformer at 1e-5.
+# the tests marked tl_compat compare our model with HookedTransformer at 1e-5, and the plumbing tests rerun.
 # System packages are never installed here: without Chromium the browser tests skip and say so
 # (.ci/run installs it explicitly).
 set -euo pipefail
@@ -39,4 +39,7 @@ install_env .venv "transformer-lens>=4,<5"
 
 install_env .venv-tl39 "transformer-lens>=3.9,<4"
 # Here HookedTransformer must exist: a missing one is an error, not a skip.
-LOOPLENS_REQUIRE_HOOKED_TRANSFORMER=1 .venv-tl39/bin/python -m pytest -q -m tl_compat -p no:cacheprovider tests/test_tl_compat.py
+# Also under 3.9: the tests of the TransformerLens plumbing every looped model relies on (the cache's helpers,
+# foreign wrapped models, patching), fast tier.
+LOOPLENS_REQUIRE_HOOKED_TRANSFORMER=1 .venv-tl39/bin/python -m pytest -q -m "tl_compat or not slow" -p no:cacheprovider \
+  tests/test_tl_compat.py tests/test_cache_methods.py tests/test_foreign.py tests/test_interp_patching.py

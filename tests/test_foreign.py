@@ -182,7 +182,6 @@ def test_hook_names_per_iteration_are_pinned(paper):
     assert cache.model.cfg.n_layers == 2 * L
 
 
-@pytest.mark.tl_compat  # the wrapper is HookedRootModule plumbing: also run under TransformerLens 3.9
 @pytest.mark.parametrize("name", ["paper", "huginn"])
 @pytest.mark.parametrize("T", [R, R + 2, 1])
 def test_logits_and_cache_equal_looplens_on_the_same_weights(request, name, T):
@@ -234,7 +233,6 @@ def assert_frames_close(a: pd.DataFrame, b: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=ATOL, rtol=0)
 
 
-@pytest.mark.tl_compat
 @pytest.mark.parametrize("name", ["paper", "huginn"])
 def test_logit_lens_and_hops_equal(request, name):
     _, wrapped, reference = both(request, name)
