@@ -327,3 +327,20 @@ def test_a_dataset_of_another_format_version_names_the_looplens_that_wrote_it(tm
     assert main(["data", "export-grokked", str(tmp_path / "ds"), "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "written by looplens 9.0.0" in err[0], err
+
+
+@pytest.mark.parametrize("damage", [_truncate, _write(b"garbage, not a torch file")], ids=["truncated", "garbage"])
+def test_a_damaged_training_state_fails_resume_in_one_line(tmp_path, capsys, damage):
+    from looplens.models.train import preset, train
+
+    out = tmp_path / "runs" / "smoke"
+    cfg = preset("smoke-composition").with_overrides(["run.max_steps=4", "eval.every=4", "run.save_every=4"])
+    train(cfg, out, progress=False)
+    state = out / "checkpoints" / "state_latest.pt"
+    damage(state)
+    with pytest.raises(InvalidFileError, match="cannot be read as a training state") as err:
+        train(None, out, resume=True, progress=False)
+    assert str(state) in str(err.value) and "\n" not in str(err.value)
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "state_latest.pt" in lines[0] and "training state" in lines[0]

@@ -421,8 +421,15 @@ class Trainer:
         self.last_state_step = self.step
 
     def load_state(self) -> None:
-        state = torch.load(self.paths.state, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        if state.get("format") != STATE_FORMAT:
+        try:  # RNG states must stay on the CPU
+            state = torch.load(self.paths.state, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, garbage or pickled objects weights_only refuses: one line
+            from looplens.data.files import InvalidFileError
+
+            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InvalidFileError(self.paths.state, f"cannot be read as a training state ({problem[:160]}); "
+                                   "delete it to restart from the last checkpoint, or start a new run") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"{self.paths.state}: not a looplens training state")
         if state["dataset_checksum"] != self.dataset.checksum:
             raise ValueError(f"{self.paths.state}: saved for dataset {state['dataset_checksum'][:12]}, "
