@@ -35,7 +35,16 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1000)
     ap.add_argument("--split", default="test_inferred_ood")
     ap.add_argument("--png", type=Path, default=None, help="also plot --split over steps for every run")
+    ap.add_argument("--markdown", action="store_true", help="print one markdown row per run (--split every --every steps)")
     a = ap.parse_args()
+    if a.markdown:
+        for run in a.runs:
+            t = table(load(run)[0])
+            c = t[a.split]
+            marks = [s for s in range(a.every, int(c.index.max()) + 1, a.every)]
+            print(f"| {run.name} | " + " | ".join(f"{c[s]:.2f}" if s in c.index else "" for s in marks)
+                  + f" | {c.max():.2f} ({int(c.idxmax()):,}) | {c.iloc[-1]:.2f} ({int(c.index[-1]):,}) |")
+        return
     if a.png:
         plot(a.runs, a.split, a.png)
     for run in a.runs:
