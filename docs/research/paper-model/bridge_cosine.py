@@ -102,7 +102,8 @@ def main() -> None:
         d1 = df1[(df1["split"] == split) & (df1["position"] == 1)]
         axes[1].plot(d1["step"], d1["cos"], color=c, label=split)
         axes[1].plot(d1["step"], d1["cos_other"], color=c, ls=":")
-        axes[2].plot(d["step"], d["accuracy"], color=c, label=split)
+        da = d.dropna(subset=["accuracy"])
+        axes[2].plot(da["step"], da["accuracy"], color=c, label=split)
     axes[0].set_title("cos(LN(state it.1), W_E[bridge]) readout pos")
     axes[1].set_title("same at the first relation's position")
     axes[2].set_title("accuracy at training R")

@@ -77,7 +77,8 @@ def plot(runs: list[Path], split: str, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for run in runs:
         t = table(load(run)[0])
-        ax.plot(t.index, t[split], label=run.name, lw=1.2)
+        c = t[split].dropna()
+        ax.plot(c.index, c.values, label=run.name, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{split} (training R)")
     ax.set_ylim(-0.02, 1.02)
