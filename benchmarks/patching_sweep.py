@@ -4,9 +4,11 @@
 
 Tiny-preset-sized model (d_model 128, 2 blocks x 4 iterations, 4 heads), a permutation world of 300
 entities and 20 relations, 256 clean/corrupted 2-hop pairs (corrupted head). The model is untrained:
-timing does not depend on the weights. Compares interp.activation_patching (cells batched along the
-batch axis) with transformer_lens.patching.get_act_patch_resid_pre (one forward per cell) and checks
-that both give the same numbers. Not a test: nothing here asserts a time.
+timing does not depend on the weights. Compares interp.activation_patching's fast path (issue 16.5:
+only layers >= and positions >= each patched cell are computed), its exact path (each cell resumed at
+its layer, every position; forced here) and transformer_lens.patching.get_act_patch_resid_pre (one
+forward per cell), interleaved, and checks that all give the same numbers. The previous results file is
+kept under "before". Not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,9 +25,10 @@ from pathlib import Path
 import torch
 from looplens.data import Vocab, make_world
 from looplens.interp import activation_patching, logit_diff, make_patching_pairs
+from looplens.interp import patching as patching_module
 from looplens.models import LoopedConfig, LoopedTransformer
 
-REPEATS = 5
+REPEATS = 7
 OUT = Path(__file__).resolve().parent / "results" / "patching_sweep.json"
 
 
@@ -68,12 +72,22 @@ def main() -> None:
         with torch.no_grad(), model.iterations(cfg.n_iterations):
             return patching.get_act_patch_resid_pre(model, corrupted, clean_cache, m)
 
-    # variants interleaved, best of REPEATS: the machine is shared, so the minimum is the stable number
-    variants = {f"interp_batch_size_{b}": (lambda b=b: activation_patching(model, pairs, hook="resid_pre", batch_size=b,
-                                                                            progress=False))
-                for b in (256, 1024, 4096, 16384)}
-    variants["transformer_lens_one_forward_per_cell"] = run_tl
-    variants["transformer_lens_end_to_end"] = run_tl_end_to_end
+    def run_exact():  # the exact path (every position from the patched layer on), as before issue 16.5
+        fast_applies = patching_module._fast_path_applies
+        patching_module._fast_path_applies = lambda *a: False
+        try:
+            return activation_patching(model, pairs, hook="resid_pre", batch_size=4096, progress=False)
+        finally:
+            patching_module._fast_path_applies = fast_applies
+
+    # variants interleaved, medians of REPEATS: the machine is shared and loaded (uptime recorded)
+    variants = {
+        "interp_fast": lambda: activation_patching(model, pairs, hook="resid_pre", progress=False),
+        "interp_exact_path": run_exact,
+        "transformer_lens_one_forward_per_cell": run_tl,
+        "transformer_lens_end_to_end": run_tl_end_to_end,
+    }
+    uptime_before = _uptime()
     timings: dict[str, list[float]] = {k: [] for k in variants}
     results = {}
     for _ in range(REPEATS):
@@ -82,11 +96,13 @@ def main() -> None:
             results[key] = fn()
             timings[key].append(time.perf_counter() - start)
     tl = results["transformer_lens_one_forward_per_cell"]
-    results[4096] = results["interp_batch_size_4096"]
-    ours = torch.tensor(results[4096]["effect"].to_numpy(), dtype=torch.float32).view(cfg.n_layers, 3)
-    max_diff = float((ours - tl).abs().max())
+    fast = torch.tensor(results["interp_fast"]["effect"].to_numpy(), dtype=torch.float32).view(cfg.n_layers, 3)
+    exact = torch.tensor(results["interp_exact_path"]["effect"].to_numpy(), dtype=torch.float32).view(cfg.n_layers, 3)
 
-    best = {k: min(v) for k, v in timings.items()}
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    before = json.loads(OUT.read_text()) if OUT.exists() else None
+    if before is not None and "before" in before:  # a rerun: keep the first (pre-16.5) record
+        before = before["before"]
     record = {
         "benchmark": "full resid_pre patching sweep: every (iteration, block, position) cell",
         "command": "OMP_NUM_THREADS=1 python benchmarks/patching_sweep.py",
@@ -94,29 +110,47 @@ def main() -> None:
                   "d_vocab": cfg.d_vocab, "positional": cfg.positional},
         "world": {"kind": "permutation", "n_entities": 300, "n_relations": 20},
         "pairs": len(pairs), "positions": 3, "cells": n_cells, "patched_rows": n_cells * len(pairs),
+        "repeats": REPEATS,
         "seconds_all_runs": {k: [round(x, 4) for x in v] for k, v in timings.items()},
-        "seconds_best_of_5": {k: round(v, 4) for k, v in best.items()},
-        "seconds_median_of_5": {k: round(statistics.median(v), 4) for k, v in timings.items()},
-        "speedup_vs_transformer_lens_sweep_only": round(best["transformer_lens_one_forward_per_cell"]
-                                                        / best["interp_batch_size_4096"], 2),
-        "speedup_vs_transformer_lens_end_to_end": round(best["transformer_lens_end_to_end"]
-                                                        / best["interp_batch_size_4096"], 2),
+        "seconds_median": {k: round(v, 4) for k, v in med.items()},
+        "seconds_best": {k: round(min(v), 4) for k, v in timings.items()},
+        "speedup_median_fast_vs_one_forward_per_cell": round(med["transformer_lens_one_forward_per_cell"]
+                                                             / med["interp_fast"], 2),
+        "speedup_median_fast_vs_transformer_lens_end_to_end": round(med["transformer_lens_end_to_end"]
+                                                                    / med["interp_fast"], 2),
+        "speedup_median_exact_path_vs_one_forward_per_cell": round(med["transformer_lens_one_forward_per_cell"]
+                                                                   / med["interp_exact_path"], 2),
+        "speedup_median_fast_vs_exact_path": round(med["interp_exact_path"] / med["interp_fast"], 2),
         "notes": ("interp times include the clean and corrupted runs it needs (clean cache, baselines, the "
                   "corrupted resid_pre it resumes from); transformer_lens_one_forward_per_cell times only "
                   "get_act_patch_resid_pre with a ready clean cache; transformer_lens_end_to_end adds the "
-                  "clean cache and the two baseline forwards. On CPU the sweep is compute-bound: the gain "
-                  "comes from resuming each cell's run at its own layer (about half the layers on average), "
-                  "not from batching; on a GPU batching also removes per-forward overhead."),
-        "max_abs_difference_vs_transformer_lens": max_diff,
+                  "clean cache and the two baseline forwards. The sweep is compute-bound on CPU: the fast "
+                  "path computes about a third of the one-forward-per-cell block work (layers >= and "
+                  "positions >= each cell, the last block at the readout position only, no-op patches "
+                  "skipped), plus the clean and corrupted runs."),
+        "max_abs_difference_fast_vs_transformer_lens": float((fast - tl).abs().max()),
+        "max_abs_difference_fast_vs_exact_path": float((fast - exact).abs().max()),
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                         "processor": platform.processor() or platform.machine(), "device": "cpu",
-                        "note": "shared 2-core machine; other jobs were running"},
+                        "uptime_before": uptime_before, "uptime_after": _uptime(),
+                        "note": "shared 2-core machine; other jobs were running (see uptime)"},
+        "before": before,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["seconds_best_of_5"], indent=2))
-    print(f"speedup {record['speedup_vs_transformer_lens_end_to_end']}x end to end, max |diff| vs TL {max_diff:.2e}")
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(OUT)
+    print(json.dumps(record["seconds_median"], indent=2))
+    print(f"fast vs one forward per cell: {record['speedup_median_fast_vs_one_forward_per_cell']}x (medians), "
+          f"max |diff| vs TL {record['max_abs_difference_fast_vs_transformer_lens']:.2e}")
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unavailable"
 
 
 if __name__ == "__main__":

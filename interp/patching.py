@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from looplens.interp._common import (
     HOOKS,
@@ -35,6 +36,7 @@ from looplens.interp._common import (
     readout_logits,
 )
 from looplens.models import LoopedTransformer
+from looplens.models.components import _ACTIVATIONS as _ACT
 from torch import Tensor
 
 PATCH_COLUMNS = {
@@ -315,7 +317,12 @@ def activation_patching(
             clean_logits = readout_logits(model, clean_t, T)
         # the corrupted run once: its logits, the loop's input, and the resid_pre of every patched layer to
         # resume from
-        starts = {f"blocks.{v}.hook_resid_pre" for v in {*cells["layer"], model.cfg.n_prelude}}
+        fast = _fast_path_applies(model, short, by_position)
+        if fast:  # the corrupted resid_pre of every layer from the first patched one: keys / values to reuse
+            n_layers = model.cfg.n_prelude + T * model.cfg.n_blocks
+            starts = {f"blocks.{v}.hook_resid_pre" for v in range(int(cells["layer"].min()), n_layers)}
+        else:
+            starts = {f"blocks.{v}.hook_resid_pre" for v in {*cells["layer"], model.cfg.n_prelude}}
         logits, corrupted_cache = model.run_with_cache(corrupted_t, n_iterations=T, names_filter=lambda x: x in starts)
         corrupted_logits = logits[rows, readout]
         if corrupted_ans is None:
@@ -323,8 +330,12 @@ def activation_patching(
         clean_metric = metric_fn(clean_logits, clean_ans, corrupted_ans).float()
         corrupted_metric = metric_fn(corrupted_logits, clean_ans, corrupted_ans).float()
         clean_acts = {name: clean_cache[name].to(clean_t.device) for name in names}
-        patched = _sweep(model, cells, clean_acts, corrupted_t, corrupted_cache, T, suffix, by_position,
-                         metric_fn, clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
+        if fast:
+            patched = _sweep_suffix(model, cells, clean_acts, corrupted_t, corrupted_cache, corrupted_metric, T,
+                                    metric_fn, clean_ans, corrupted_ans, progress)  # [cells, B]
+        else:
+            patched = _sweep(model, cells, clean_acts, corrupted_t, corrupted_cache, T, suffix, by_position,
+                             metric_fn, clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
     return _patch_frame(short, cells, patched.cpu().double(), clean_metric.cpu().double(),
                         corrupted_metric.cpu().double(), per_example)
 
@@ -500,3 +511,135 @@ def _patch_frame(short: str, cells: pd.DataFrame, patched: Tensor, clean_metric:
     out["corrupted_metric"] = m_corr
     out["n_pairs"] = B
     return out[list(PATCH_COLUMNS)].astype(PATCH_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast path: resid_pre, one position per cell (issue 16.5)
+# ---------------------------------------------------------------------------------------------------
+def _fast_path_applies(model: LoopedTransformer, short: str, by_position: bool) -> bool:
+    """Whether :func:`_sweep_suffix` computes this sweep: a plain LoopedTransformer (not a wrapper of a
+    foreign model, whose blocks may differ), resid_pre by position, no input injection or readout feedback
+    (they reach every position through the loop input), no coda (its attention would need every position
+    of the last state: resuming there is exact and cheap anyway), and no hook attached by the caller (the
+    fast path computes the blocks functionally, so such hooks would not fire)."""
+    cfg = model.cfg
+    return (type(model) is LoopedTransformer and short == "resid_pre" and by_position
+            and cfg.input_injection == "none" and not cfg.feedback and cfg.n_coda == 0
+            and not any(h._forward_hooks or h._backward_hooks for h in model.hook_dict.values()))
+
+
+def _block_params(model: LoopedTransformer, v: int) -> Any:
+    P = model.cfg.n_prelude
+    return model.prelude[v] if v < P else model.core[(v - P) % model.cfg.n_blocks]
+
+
+def _kv(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch pos d_model"]
+        ) -> Float[Tensor, "batch pos two head d_head"]:
+    """Keys and values of one block (its ln1 and W_K / W_V) at every position of ``resid``."""
+    cfg, a = model.cfg, params.attn
+    x = F.layer_norm(resid, resid.shape[-1:], params.ln1.w, params.ln1.b, cfg.ln_eps)
+    W_kv = torch.stack([a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(cfg.d_model, -1)
+    b_kv = torch.stack([a.b_K, a.b_V]).reshape(-1)
+    return (x @ W_kv + b_kv).view(*resid.shape[:2], 2, cfg.n_heads, cfg.d_head)
+
+
+def _suffix_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch suffix d_model"],
+                  kv_prefix: Float[Tensor, "batch prefix two head d_head"]) -> Float[Tensor, "batch suffix d_model"]:
+    """One pre-LN block (models/components.TransformerBlock) on positions p.. only: their queries attend to
+    the unchanged keys / values of positions < p (``kv_prefix``) and to their own, causally."""
+    cfg, a, m = model.cfg, params.attn, params.mlp
+    batch, n_suf, d = resid.shape
+    p = kv_prefix.shape[1]
+    x = F.layer_norm(resid, (d,), params.ln1.w, params.ln1.b, cfg.ln_eps)
+    W_qkv = torch.stack([a.W_Q, a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(d, -1)
+    b_qkv = torch.stack([a.b_Q, a.b_K, a.b_V]).reshape(-1)
+    qkv = torch.addmm(b_qkv, x.reshape(batch * n_suf, d), W_qkv).view(batch, n_suf, 3, cfg.n_heads, cfg.d_head)
+    kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1)  # [batch, key_pos (p + n_suf), two, head, d_head]
+    # query i (position p + i) sees keys 0..p + i
+    mask = torch.ones(n_suf, p + n_suf, dtype=torch.bool, device=resid.device).tril(p)
+    z = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2),
+                                       kv[:, :, 1].transpose(1, 2), attn_mask=mask, scale=1.0 / cfg.attn_scale)
+    attn_out = torch.addmm(a.b_O, z.transpose(1, 2).reshape(batch * n_suf, -1), a.W_O.reshape(-1, d))
+    resid = resid + attn_out.view(batch, n_suf, d)
+    x = F.layer_norm(resid, (d,), params.ln2.w, params.ln2.b, cfg.ln_eps)
+    post = _ACT[cfg.act_fn](torch.addmm(m.b_in, x.reshape(batch * n_suf, d), m.W_in))
+    return resid + torch.addmm(m.b_out, post, m.W_out).view(batch, n_suf, d)
+
+
+def _readout_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch suffix d_model"],
+                   kv_prefix: Float[Tensor, "batch prefix two head d_head"], at: Int[Tensor, " batch"]
+                   ) -> Float[Tensor, "batch d_model"]:
+    """The last block as :func:`_suffix_block`, at each row's readout position only (suffix index ``at``):
+    every suffix position still gives keys and values, but queries, attention output and MLP are only
+    needed where the answer is read."""
+    cfg, a, m = model.cfg, params.attn, params.mlp
+    batch, n_suf, d = resid.shape
+    p = kv_prefix.shape[1]
+    rows = torch.arange(batch, device=resid.device)
+    x = F.layer_norm(resid, (d,), params.ln1.w, params.ln1.b, cfg.ln_eps)
+    W_kv = torch.stack([a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(d, -1)
+    b_kv = torch.stack([a.b_K, a.b_V]).reshape(-1)
+    kv_new = torch.addmm(b_kv, x.reshape(batch * n_suf, d), W_kv).view(batch, n_suf, 2, cfg.n_heads, cfg.d_head)
+    kv = torch.cat([kv_prefix, kv_new], dim=1)  # [batch, key_pos, two, head, d_head]
+    q = torch.addmm(a.b_Q.reshape(-1), x[rows, at], a.W_Q.permute(1, 0, 2).reshape(d, -1))
+    q = q.view(batch, cfg.n_heads, 1, cfg.d_head)  # one query per row: [batch, head, 1, d_head]
+    mask = (torch.arange(p + n_suf, device=resid.device) <= (p + at)[:, None])[:, None, None]  # causal, per row
+    z = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+                                       attn_mask=mask, scale=1.0 / cfg.attn_scale)  # [batch, head, 1, d_head]
+    out = resid[rows, at] + torch.addmm(a.b_O, z.reshape(batch, -1), a.W_O.reshape(-1, d))
+    x = F.layer_norm(out, (d,), params.ln2.w, params.ln2.b, cfg.ln_eps)
+    return out + torch.addmm(m.b_out, _ACT[cfg.act_fn](torch.addmm(m.b_in, x, m.W_in)), m.W_out)
+
+
+def _sweep_suffix(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, Tensor], corrupted: Tensor,
+                  corrupted_cache: Any, corrupted_metric: Tensor, T: int, metric_fn: Metric, clean_ans: Tensor,
+                  corrupted_ans: Tensor, progress: bool) -> Tensor:
+    """Metric of every patched run, [cells, pairs], computing only what a one-position resid_pre patch can
+    change: layers from the patched one on (as :func:`_sweep`), and there only positions >= the patched
+    position p. With a causal mask nothing at positions < p changes, so their keys and values are the
+    corrupted run's (computed once per layer).
+
+    The cells of one position p share the suffix length and those keys / values, so they run as one batch
+    that grows layer by layer: the rows of cell (v, p) join at layer v. A row whose patch changes nothing
+    (clean and corrupted activation equal there, e.g. at layer 0 behind a corrupted head entity) or whose
+    readout position is before p keeps the corrupted metric. Tested equal to one hooked forward per cell
+    (tests/test_patching_fast.py).
+    """
+    device = corrupted.device
+    n_layers = model.cfg.n_prelude + T * model.cfg.n_blocks
+    readout = model.readout_positions(corrupted)
+    first = int(cells["layer"].min())
+    resid = {u: corrupted_cache[f"blocks.{u}.hook_resid_pre"] for u in range(first, n_layers)}
+    kv = {u: _kv(model, _block_params(model, u), resid[u]) for u in range(first, n_layers)}
+    out = corrupted_metric.float().to(device).repeat(len(cells), 1)  # [cells, B]: unchanged rows
+    bar = progress_bar(len(cells), progress, "patching resid_pre")
+    try:
+        for p in sorted(set(cells["position"].tolist())):
+            of_p = cells.index[cells["position"] == p]
+            cell_at = dict(zip(cells.loc[of_p, "layer"].tolist(), of_p.tolist()))
+            state = resid[first].new_empty(0, resid[first].shape[1] - p, model.cfg.d_model)
+            pair_idx = torch.empty(0, dtype=torch.long, device=device)  # the pair of each row of the batch
+            cell_idx = torch.empty(0, dtype=torch.long, device=device)
+            for u in range(min(cell_at), n_layers):
+                if u in cell_at:  # cell (u, p) joins: the corrupted resid_pre with position p from the clean run
+                    patch = clean_acts[f"blocks.{u}.hook_resid_pre"][:, p]
+                    sel = (((patch != resid[u][:, p]).any(-1)) & (readout >= p)).nonzero()[:, 0]
+                    new = resid[u][sel, p:].clone()
+                    new[:, 0] = patch[sel]
+                    state = torch.cat([state, new])
+                    pair_idx = torch.cat([pair_idx, sel])
+                    cell_idx = torch.cat([cell_idx, torch.full_like(sel, cell_at[u])])
+                    bar.update(1)
+                if not len(pair_idx):
+                    continue
+                params = _block_params(model, u)
+                if u < n_layers - 1:
+                    state = _suffix_block(model, params, state, kv[u][pair_idx, :p])
+                else:
+                    state = _readout_block(model, params, state, kv[u][pair_idx, :p], readout[pair_idx] - p)
+            if len(pair_idx):
+                logits = model.readout(state[:, None], T)[:, 0]
+                out[cell_idx, pair_idx] = metric_fn(logits, clean_ans[pair_idx], corrupted_ans[pair_idx]).float()
+    finally:
+        bar.close()
+    return out

@@ -98,9 +98,14 @@ QUOTES: list[tuple[str, str, str, str, Callable[[Any], str]]] = [
     ("docs/research/README.md", "trains at **{} steps/s**", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
     ("README.md", "`paper-composition` at {} steps/s", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
     # patching sweep (benchmarks/patching_sweep.py)
-    ("docs/interp.md", "on one CPU thread: about {} s", PATCHING, "seconds_best_of_5.interp_batch_size_4096", f1),
-    ("docs/interp.md", "against {}-", PATCHING, "seconds_best_of_5.transformer_lens_one_forward_per_cell", f1),
-    ("docs/interp.md", "-{} s for `transformer_lens.patching`", PATCHING, "seconds_best_of_5.transformer_lens_end_to_end", f1),
+    # (docs/interp.md quotes the exact path's numbers, measured before issue 16.5's fast path: "before")
+    ("docs/interp.md", "on one CPU thread: about {} s", PATCHING, "before.seconds_best_of_5.interp_batch_size_4096", f1),
+    ("docs/interp.md", "against {}-", PATCHING, "before.seconds_best_of_5.transformer_lens_one_forward_per_cell", f1),
+    ("docs/interp.md", "-{} s for `transformer_lens.patching`", PATCHING, "before.seconds_best_of_5.transformer_lens_end_to_end", f1),
+    ("benchmarks/README.md", "fast path took {} s", PATCHING, "seconds_median.interp_fast", f2),
+    ("benchmarks/README.md", "one hooked forward per cell {} s", PATCHING, "seconds_median.transformer_lens_one_forward_per_cell", f2),
+    ("benchmarks/README.md", "exact path {} s", PATCHING, "seconds_median.interp_exact_path", f2),
+    ("benchmarks/README.md", "**{}x** faster than one forward per cell", PATCHING, "speedup_median_fast_vs_one_forward_per_cell", f2),
     # looplens app's first paint (benchmarks/app_first_paint.py): before, after, bare Streamlit
     ("docs/app.md", "| title (first visit) | {} |", APP, "variants.baseline 3de0b9d.summary.median_first_title_s", f3),
     ("docs/app.md", "| 23.863 | {} |", APP, "variants.working tree.summary.median_first_title_s", f3),
