@@ -23,3 +23,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     if _chromium() is None:
         pytest.skip("chromium is missing (as root: apt-get install -y chromium; or set LOOPLENS_CHROMIUM)")
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's AppTest runs app scripts as ``__main__`` and leaves its module in sys.modules; a later
+    test that spawns processes (the grids' --jobs) would then re-run app/main.py in every child
+    (multiprocessing's spawn re-imports the parent's ``__main__`` by path) and break the pool."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
