@@ -346,53 +346,9 @@ class ForeignLoopedModel(LoopedTransformer):
                 if isinstance(module, HookPoint):
                     module.name = name
                     self.hook_dict[name] = module
-        for name, module in list(self.mod_dict.items()):
-            match = _BLOCK_NAME.match(name)
-            if match is None:
-                continue
-            t, l = divmod(int(match.group(1)) - self.cfg.n_prelude, self.cfg.n_blocks)
-            if int(match.group(1)) >= self.cfg.n_prelude and t < len(self.loop):
-                self.mod_dict[f"loop.{t}.blocks.{l}.{match.group(2)}"] = module
-
-    def virtual_layer(self, iteration: int, block: int) -> int:
-        if not 0 <= block < self.cfg.n_blocks:
-            raise ValueError(f"block must be in [0, {self.cfg.n_blocks}), got {block}")
-        if iteration < 0:
-            raise ValueError(f"iteration must be >= 0, got {iteration}")
-        return self.cfg.n_prelude + iteration * self.cfg.n_blocks + block
-
-    def iteration_block(self, layer: int, n_iterations: int | None = None) -> tuple[str, int, int]:
-        cfg = self.cfg
-        T = cfg.n_iterations if n_iterations is None else n_iterations
-        if not 0 <= layer < cfg.n_virtual_layers(T):
-            raise ValueError(f"layer {layer} is outside a run of {T} iterations ({cfg.n_virtual_layers(T)} layers)")
-        i = layer - cfg.n_prelude
-        if i < 0:
-            return ("prelude", 0, layer)
-        if i < T * cfg.n_blocks:
-            return ("loop", *divmod(i, cfg.n_blocks))
-        return ("coda", 0, i - T * cfg.n_blocks)
-
-    def hook_name(self, hook: str, iteration: int, block: int) -> str:
-        return f"blocks.{self.virtual_layer(iteration, block)}.{hook}"
-
-    def canonical_name(self, name: str) -> str:
-        match = _LOOP_NAME.match(name)
-        if match is None:
-            return name
-        return self.hook_name(match.group(3), int(match.group(1)), int(match.group(2)))
-
-    def _iterations_needed_for(self, names: Sequence[Any]) -> int:
-        needed, cfg = 0, self.cfg
-        for name in names:
-            if not isinstance(name, str):
-                continue
-            if (m := _BLOCK_NAME.match(name)) is not None:
-                i = int(m.group(1)) - cfg.n_prelude - cfg.n_coda
-                needed = max(needed, -(-(i + 1) // cfg.n_blocks))
-            elif (m := _LOOP_ANY.match(name)) is not None:
-                needed = max(needed, int(m.group(1)) + 1)
-        return needed
+        self._add_loop_aliases()
+        # Names (virtual_layer, iteration_block, hook_name, canonical_name, ...) are HookedLoopedModel's:
+        # they read only cfg's n_prelude / n_blocks / n_coda / n_virtual_layers, which ForeignConfig has.
 
     # ------------------------------------------------------------------------------------------------
     # Inputs

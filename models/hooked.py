@@ -86,6 +86,10 @@ class HookedLoopedModel(HookedRootModule):
         run_with_cache still caches each hook point once, under its virtual-layer name.
         """
         super().setup()
+        self._add_loop_aliases()
+
+    def _add_loop_aliases(self) -> None:
+        """Add ``loop.{t}.blocks.{l}.<hook>`` to mod_dict for every core ``blocks.{v}.<hook>`` entry."""
         cfg = self.cfg
         for name, module in list(self.mod_dict.items()):
             match = _BLOCK_NAME.match(name)
