@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the DevTools driver the browser test uses
 from app_browser import Browser, find_chromium, free_port, stop, wait_http  # noqa: E402
+from looplens.data.files import atomic_write_text  # noqa: E402
 
 PACKAGE_DIRS = ("data", "models", "interp", "analyses", "app")  # looplens.<name> -> <name>/ (pyproject.toml)
 # What the page shows, polled every POLL seconds. The title is the page's <h1> (the sidebar's navigation
@@ -247,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "seconds_total": round(time.time() - started, 1),
         "variants": {name: {"summary": summarize(r), "repetitions": r} for name, r in reps.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")  # never half-written; creates the folder
     for name, v in result["variants"].items():
         s = v["summary"]
         print(f"{name}: median title {s['median_first_title_s']} s, chart {s.get('median_first_chart_s')} s; "

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from looplens.data.files import atomic_write_text
 from looplens.models import LoopedConfig, LoopedTransformer
 from looplens.models.train import preset
 from looplens.models.train.trainer import Trainer
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": 1, "load_average_before": load_before, "load_average_after": os.getloadavg()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")  # never half-written; creates the folder
     print(f"wrote {args.out}")
     return 0
 

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from looplens.data.files import atomic_write_text
 from looplens.models.train import preset
 from looplens.models.train.ensemble import SeedEnsemble
 from looplens.models.train.trainer import Trainer
@@ -96,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")  # never half-written; creates the folder
     print(f"wrote {args.out}")
     return 0
 

@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from looplens.data.files import atomic_write_text
 from looplens.models.train import preset, train
 from looplens.models.train.trainer import Trainer
 
@@ -83,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch_threads": 1, "load_average_before": load_before, "load_average_after": os.getloadavg()},
     }
     print(json.dumps({k: report[k] for k in ("seconds", "eval_share_measured", "full_run")}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")  # never half-written; creates the folder
     print(f"wrote {args.out}")
     return 0
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from looplens.data import Vocab, make_world
+from looplens.data.files import atomic_write_text
 from looplens.interp import activation_patching, logit_diff, make_patching_pairs
 from looplens.interp import patching as patching_module
 from looplens.models import LoopedConfig, LoopedTransformer
@@ -137,10 +138,7 @@ def main() -> None:
                         "note": "shared 2-core machine; other jobs were running (see uptime)"},
         "before": before,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(OUT)
+    atomic_write_text(OUT, json.dumps(record, indent=2) + "\n")  # never half-written; creates the folder
     print(json.dumps(record["seconds_median"], indent=2))
     print(f"fast vs one forward per cell: {record['speedup_median_fast_vs_one_forward_per_cell']}x (medians), "
           f"max |diff| vs TL {record['max_abs_difference_fast_vs_transformer_lens']:.2e}")

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from looplens.data.files import atomic_write_text
 from looplens.models.train import preset
 from looplens.models.train.ensemble import SeedEnsemble
 from looplens.models.train.trainer import Trainer
@@ -68,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                           "load_average_before": load_before, "load_average_after": os.getloadavg()}}
     for name, p in profiles.items():
         print(name, p["self_cpu_ms_per_call"], "ms;", ", ".join(f"{o['op']} {o['share']:.0%}" for o in p["ops"][:5]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")  # never half-written; creates the folder
     print(f"wrote {args.out}")
     return 0
 

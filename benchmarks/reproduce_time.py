@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from looplens.data.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -80,9 +82,7 @@ def main() -> None:
     record = {"benchmark": f"looplens reproduce --preset {args.preset}", "command": " ".join(["python", *sys.argv]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_sha": _git_sha(), "machine": _machine(), **result}
     out = args.out or ROOT / "benchmarks" / "results" / f"reproduce_{args.preset}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)  # never half-written
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")  # never half-written; creates the folder
     print(f"{out}: whole command {result['wall_seconds']} s (CPU {result.get('cpu_seconds')} s), "
           f"stages {result['stage_seconds_total']} s")
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from looplens.data.files import atomic_write_text
 from looplens.models import LoopedConfig, LoopedTransformer  # noqa: E402
 from nanogpt_reference import from_looplens  # noqa: E402
 
@@ -149,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch_threads": 1, "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")  # never half-written; creates the folder
     print(f"wrote {args.out}")
     return 0
 
