@@ -197,3 +197,25 @@ def test_compiled_model_has_no_graph_breaks_and_hooks_and_cache_still_work():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0 and done.stdout.startswith("ok 1"), done.stderr[-3000:]
+
+
+def test_evaluation_chunked_by_query_length_gives_the_rows_of_padded_chunks():
+    """Issue 16.6: EvalSet chunks hold one query length each (no position computed for padding); with a
+    causal mask and the readout at the last real token this changes no number."""
+    from looplens.models.train.evaluation import EvalSet, _chunks, evaluate_set
+
+    model = _model(feedback=1.0).eval()
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([2] * 40 + [3] * 50)
+    tokens = torch.randint(1, CFG["d_vocab"], (90, 3), generator=gen)
+    tokens[lengths == 2, 2] = 0  # right padding
+    answers = torch.randint(1, CFG["d_vocab"], (90,), generator=gen)
+    group = torch.arange(90) % 3
+    chunks = _chunks(lengths, 32)
+    assert [c[2] for c in chunks] == [2, 2, 3, 3] and [c[1] - c[0] for c in chunks] == [32, 8, 32, 18]
+    by_length = EvalSet(tokens, answers, group, [("a", 1), ("b", 2), ("c", 2)], chunks)
+    padded = EvalSet(tokens, answers, group, by_length.groups, [(0, 32, 3), (32, 64, 3), (64, 90, 3)])
+    rows, rows_padded = evaluate_set(model, by_length, [1, 3]), evaluate_set(model, padded, [1, 3])
+    assert [r["n"] for r in rows] == [30, 30, 30, 30, 30, 30]
+    for r, q in zip(rows, rows_padded, strict=True):
+        assert r["accuracy"] == q["accuracy"] and r["loss"] == pytest.approx(q["loss"], rel=1e-5, abs=1e-6)

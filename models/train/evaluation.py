@@ -1,8 +1,10 @@
 """Batched evaluation: accuracy and loss per (split, hops, iteration count), and adaptive halting.
 
 One :class:`EvalSet` holds every evaluation query of a dataset, sorted by length and cut into
-chunks (each trimmed of right padding), so an evaluation is a handful of forward passes whatever the
-number of splits and hop counts. For several iteration counts the loop runs once to the largest and
+chunks of one query length each (trimmed of right padding), so an evaluation is a handful of forward
+passes whatever the number of splits and hop counts, and no position is computed for padding: a block
+costs in proportion to the positions it runs, so a 2-token atomic query padded to a 3-token chunk cost
+50% more (tiny-composition: 1,000 of its 4,533 queries). For several iteration counts the loop runs once to the largest and
 reads out at each requested count on the way (same numbers as separate runs: iteration t's state
 does not depend on how many iterations follow).
 """
@@ -64,11 +66,7 @@ class EvalSet:
         order = torch.argsort(lengths_all, stable=True)
         group = torch.tensor([index[k] for k in keys], dtype=torch.long)[order]
         lengths_sorted = lengths_all[order]
-        chunks, start, n = [], 0, len(order)
-        while start < n:
-            stop = min(start + batch_size, n)
-            chunks.append((start, stop, int(lengths_sorted[start:stop].max())))
-            start = stop
+        chunks = _chunks(lengths_sorted, batch_size)
         return cls(tokens_all[order].to(device), torch.cat(answers)[order].to(device), group.to(device),
                    groups, chunks)
 
@@ -77,6 +75,27 @@ class EvalSet:
 
     def counts(self) -> Tensor:
         return torch.bincount(self.group, minlength=len(self.groups))
+
+
+def _chunks(lengths: Int[Tensor, " n"], batch_size: int) -> list[tuple[int, int, int]]:
+    """(start, stop, width) of each chunk of length-sorted queries: at most ``batch_size`` rows, and a new
+    chunk wherever the length grows, unless the chunk so far is small (< batch_size / 16 rows: padding
+    those few rows costs less than one more forward pass would).
+
+    >>> _chunks(torch.tensor([2, 2, 2, 3, 3, 3, 3, 3]), 4)
+    [(0, 3, 2), (3, 7, 3), (7, 8, 3)]
+    >>> _chunks(torch.tensor([1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]), 64)
+    [(0, 18, 3)]
+    """
+    small = max(1, batch_size // 16)
+    chunks: list[tuple[int, int, int]] = []
+    start, n = 0, len(lengths)
+    values = lengths.tolist()
+    for i in range(1, n + 1):
+        if i == n or i - start == batch_size or (values[i] != values[i - 1] and i - start >= small):
+            chunks.append((start, i, int(values[i - 1])))
+            start = i
+    return chunks
 
 
 def _autocast(device: torch.device, bf16: bool):
