@@ -228,7 +228,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
         spec.config(plan.extra_overrides)
     from looplens.analyses.launch import launcher_from_args
 
-    launcher = launcher_from_args(args, check=not args.dry_run)
+    launcher = launcher_from_args(args, check=not args.dry_run, default_jobs=plan.jobs)
     if args.dry_run:
         print(f"reproduce preset {plan.name}: {plan.description}")
         print(f"budget: {plan.budget}")

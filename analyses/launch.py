@@ -488,12 +488,14 @@ def add_launcher_arguments(parser: Any, jobs: bool = False) -> None:
                         help="ray: restarts of a run whose worker died; submitit: requeues after preemption or "
                         "timeout; each resumes from the run's last checkpoint (default 3)")
     if jobs:
-        parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                            help="local launcher: runs trained at once, one process each (default 1)")
+        parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                            help="local launcher: runs trained at once, one process each (default: the plan's, "
+                            "2 for the tiny plan, else 1)")
 
 
-def launcher_from_args(args: Any, check: bool = True) -> Launcher:
-    return make_launcher(args.launcher, address=args.address, jobs=getattr(args, "jobs", 1),
+def launcher_from_args(args: Any, check: bool = True, default_jobs: int = 1) -> Launcher:
+    jobs = getattr(args, "jobs", None)
+    return make_launcher(args.launcher, address=args.address, jobs=default_jobs if jobs is None else jobs,
                          max_retries=args.max_retries, cpus_per_run=args.cpus_per_run,
                          gpus_per_run=args.gpus_per_run, check=check)
 

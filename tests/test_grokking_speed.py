@@ -120,9 +120,19 @@ def test_grid_runs_in_parallel_processes(tmp_path):
         gs.run_grid(tmp_path / "x", base="smoke-composition", jobs=0, progress=False)
 
 
-def test_fast_recipe_rung_turns_the_paper_preset_into_tiny_composition():
+def test_fast_recipe_rung_turns_the_paper_preset_into_tiny_composition_feedback():
     from looplens.models.train import preset
 
     recipe = preset("tiny-composition-paper").with_overrides([*gs.FAST_RECIPE, "run.max_steps=8000",
                                                               "run.time_budget_minutes=20"])
+    assert recipe.to_dict() == preset("tiny-composition-feedback").to_dict()
+
+
+def test_paper_model_recipe_rung_turns_the_paper_preset_into_tiny_composition():
+    from looplens.analyses.claims import run_differences
+    from looplens.models.train import preset
+
+    recipe = preset("tiny-composition-paper").with_overrides([*gs.PAPER_MODEL_RECIPE, "run.max_steps=10000",
+                                                              "run.time_budget_minutes=30"])
     assert recipe.to_dict() == preset("tiny-composition").to_dict()
+    assert run_differences(recipe).core == []  # recipe values only: the paper's model, loss and world

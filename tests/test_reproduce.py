@@ -202,3 +202,20 @@ def test_plans_are_consistent():
         plan_for("huge")
     with pytest.raises(ValueError, match="unknown run"):
         Plan("bad", _mini().runs, (("systematic", ("nope",)),), StudyOptions())
+
+
+def test_tiny_plan_judges_claims_on_the_paper_model():
+    """Issue 15: every run a claim reads is the paper's model, loss and world (no core difference); the only
+    other run (the permutation-world shortcut run) feeds the shortcut study alone; two runs train at once."""
+    from looplens.analyses.claims import run_differences
+
+    plan = plan_for("tiny")
+    claim_runs = {r for study, runs in plan.studies if study != "shortcut" for r in runs}
+    for spec in plan.runs:
+        core = run_differences(spec.config()).core
+        if spec.name in claim_runs:
+            assert core == [], (spec.name, core)
+        else:
+            assert core == ["world permutation (paper random-tail)"], (spec.name, core)
+    assert "tiny-composition-feedback" not in {spec.preset for spec in plan.runs}
+    assert plan.jobs == 2 and plan_for("smoke").jobs == 1
