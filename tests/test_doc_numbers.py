@@ -140,14 +140,14 @@ QUOTES: list[tuple[str, str, str, str, Callable[[Any], str]]] = [
     ("docs/analyses.md", "comp-random-tail {} s", TINY, "stages.train:comp-random-tail", seconds),
     ("docs/analyses.md", "depth-fixed {} s", TINY, "stages.train:depth-fixed", seconds),
     ("docs/analyses.md", "depth-dynamic {} s", TINY, "stages.train:depth-dynamic", seconds),
-    # the tiny-composition grid (docs/research/cpu-final) and its seed-0 runs, shipped in analyses/shipped_run
+    # the tiny-composition-feedback grid (docs/research/cpu-final) and its seed-0 runs (issue 8)
     ("docs/training.md", "(8,000 steps, ~{} minutes on one thread)", GRID, "[run=docs/research/cpu-final/runs/control-s0].wall_seconds", minutes),
     ("docs/training.md", "test_inferred_id >= 0.9 by step ~{} ", GRID, "[run=docs/research/cpu-final/runs/control-s0].steps_to_id", thousands),
     ("docs/training.md", "strict OOD (test_inferred_ood) {} at the end on seed 0", GRID, "[run=docs/research/cpu-final/runs/control-s0].final_ood", f2),
     ("README.md", "| 8,000 ({} s) | 8,000", GRID, "[run=docs/research/cpu-final/runs/control-s0].wall_seconds", seconds),
     ("README.md", "s) | 8,000 ({} s) |", GRID, "[run=docs/research/cpu-final/runs/vanilla-s0].wall_seconds", seconds),
     # configuration values quoted in prose
-    ("docs/DECISIONS.md", "{} atomic per batch", "models/presets/tiny-composition.toml", "optim.atomic_share", percent),
+    ("docs/DECISIONS.md", "{} atomic per batch", "models/presets/tiny-composition-feedback.toml", "optim.atomic_share", percent),
     ("docs/analyses.md", "comp-r4's {} steps", "models/presets/paper-composition.toml", "run.max_steps", thousands),
     # issue 16's performance work (benchmarks/README.md)
     ("benchmarks/README.md", "wall-clock medians): tiny forward {}x", "benchmarks/results/zero_cost_hooks_before.json", "results[size=tiny].forward_ratio", f3),

@@ -36,7 +36,14 @@ def main() -> None:
     ap.add_argument("--split", default="test_inferred_ood")
     ap.add_argument("--png", type=Path, default=None, help="also plot --split over steps for every run")
     ap.add_argument("--markdown", action="store_true", help="print one markdown row per run (--split every --every steps)")
+    ap.add_argument("--csv", type=Path, default=None, help="write one row per run (milestones, final and best) to this file")
     a = ap.parse_args()
+    if a.csv:
+        rows = pd.DataFrame([milestones(run) for run in a.runs])
+        tmp = a.csv.with_suffix(".tmp")
+        rows.to_csv(tmp, index=False, float_format="%.4f")
+        tmp.replace(a.csv)
+        return
     if a.markdown:
         for run in a.runs:
             t = table(load(run)[0])
@@ -67,6 +74,28 @@ def main() -> None:
             hit = t.index[t[thr_split] >= thr] if thr_split in t.columns else []
             print(f"  first step {thr_split} >= {thr}: {int(hit[0]) if len(hit) else 'never'}", end=";")
         print()
+
+
+def milestones(run: Path) -> dict:
+    """One run's row: steps, wall time, first steps past the stage thresholds, final and best strict OOD."""
+    df, cfg = load(run)
+    t = table(df)
+    summ = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    m = cfg["config"]["model"]
+    row = {"run": run.name, "seed": cfg["config"]["run"]["seed"], "blocks": m["n_blocks"], "iterations": m["n_iterations"],
+           "betas": "/".join(f"{b:g}" for b in cfg["config"]["optim"]["betas"]), "last_step": int(t.index.max()),
+           "status": summ.get("status"), "wall_seconds": summ.get("wall_seconds"),
+           "steps_per_second": summ.get("steps_per_second")}
+    for name, split, thr in (("train_0.9", "train_inferred", 0.9), ("id_0.9", "test_inferred_id", 0.9),
+                             ("ood_0.5", "test_inferred_ood", 0.5), ("ood_0.7", "test_inferred_ood", 0.7)):
+        hit = t.index[t[split] >= thr]
+        row[f"step_{name}"] = int(hit[0]) if len(hit) else None
+    ood = t["test_inferred_ood"]
+    last = t.iloc[-1]
+    row.update({f"final_{c}": last[c] for c in SPLITS if c in t.columns})
+    row.update({"best_ood": ood.max(), "best_ood_step": int(ood.idxmax()),
+                "ood_evals_below_0.5_after_0.7": int((ood[ood.index > (row["step_ood_0.7"] or 10**9)] < 0.5).sum())})
+    return row
 
 
 def plot(runs: list[Path], split: str, out: Path) -> None:
