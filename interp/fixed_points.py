@@ -262,6 +262,9 @@ def spectral_radius(
             mask = mask[..., None].to(state.dtype)
             # SDPA has no forward-mode AD: a hook on the pattern selects the explicit attention path
             force = [(f"blocks.{model.virtual_layer(T, l)}.attn.hook_pattern", _identity) for l in range(model.cfg.n_blocks)]
+            force += [(f"loop.{T}.fast.{s}.blocks.{l}.attn.hook_pattern", _identity)  # two-timescale loops' fast steps
+                      for s in range(getattr(model.cfg, "slow_period", 0))
+                      for l in range(getattr(model.cfg, "n_fast_blocks", None) or 0)]
             with model.hooks(fwd_hooks=force), torch.enable_grad():
                 radius, norm, residual = _contraction(functools.partial(_one_more_iteration, model, tok, T, last.loop_input),
                                                       state, mask, n_steps, gen)

@@ -525,6 +525,7 @@ def _fast_path_applies(model: LoopedTransformer, short: str, by_position: bool) 
     cfg = model.cfg
     return (type(model) is LoopedTransformer and short == "resid_pre" and by_position
             and cfg.input_injection == "none" and not cfg.feedback and cfg.n_coda == 0
+            and not model.carries_state  # hyper-connections / two timescales: more than resid_pre flows on
             and not any(h._forward_hooks or h._backward_hooks for h in model.hook_dict.values()))
 
 

@@ -65,6 +65,13 @@ class LoopedConfig:
     # Readout feedback: before each iteration t >= 1, add feedback * softmax(readout(state)) @ W_E to the
     # state at every position: the model's own soft answer so far, re-embedded (0: off, the paper's model).
     feedback: float = setting(0.0, ge=0)
+    # Hyper-connections on the loop (Hyperloop; Zhu et al. 2024): the state between iterations is
+    # hyper_streams residual streams mixed by learned matrices (LoopedTransformer._hyper_iteration). 1: off.
+    hyper_streams: int = setting(1, ge=1)
+    # Two timescales (HRM; Wang et al. 2025): each iteration runs a fast module slow_period times on z_L,
+    # then the core blocks (the slow module) update z_H once; the readout reads z_H. 0: off.
+    slow_period: int = setting(0, ge=0)
+    n_fast_blocks: int | None = setting(None, ge=1)  # physical blocks of the fast module (default n_blocks)
     pad_token_id: int | None = 0  # right padding; the readout position is the last non-pad token
     seed: int | None = setting(None, ge=0)  # init seed (None: use the global RNG)
     device: str = field(default="cpu", compare=False)
@@ -97,6 +104,20 @@ class LoopedConfig:
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
+        if self.hyper_streams > 1 or self.slow_period:
+            arch = f"hyper_streams={self.hyper_streams}" if self.hyper_streams > 1 else f"slow_period={self.slow_period}"
+            need(not (self.hyper_streams > 1 and self.slow_period),
+                 "hyper_streams > 1 and slow_period > 0 are separate architectures; set one of them")
+            need(self.input_injection == "none",
+                 f"{arch} carries the loop's input itself (extra streams / fast-module injection); "
+                 f"input_injection must be 'none', got {self.input_injection!r}")
+            need(not self.feedback, f"{arch} does not support readout feedback; set feedback=0 (got {self.feedback})")
+        if self.slow_period:
+            if self.n_fast_blocks is None:
+                self.n_fast_blocks = self.n_blocks
+        else:
+            need(self.n_fast_blocks is None,
+                 f"n_fast_blocks={self.n_fast_blocks} needs slow_period > 0 (the fast module of a two-timescale loop)")
         if self.pad_token_id is not None:
             need(0 <= self.pad_token_id < self.d_vocab,
                  f"pad_token_id must be in [0, d_vocab={self.d_vocab}), got {self.pad_token_id}")

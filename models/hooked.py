@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_LOOP_NAME = re.compile(r"^loop\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_LOOP_NAME = re.compile(r"^loop\.(\d+)\.(?:slow\.)?blocks\.(\d+)\.(.+)$")  # slow.: two-timescale loops
+_SLOW_STATE = re.compile(r"^loop\.(\d+)\.slow\.hook_state$")
 _LOOP_ANY = re.compile(r"^loop\.(\d+)\.")
 
 
@@ -65,11 +66,15 @@ class HookedLoopedModel(HookedRootModule):
         while len(self.blocks) < needed:
             self.blocks.append(like_the_model(TransformerBlock(self.cfg, placeholder)))
         while len(self.loop) < n_iterations:
-            self.loop.append(like_the_model(IterationHooks(feedback=self.cfg.feedback > 0 and len(self.loop) > 0)))
+            self.loop.append(like_the_model(self._iteration_hooks(len(self.loop))))
         self.setup()
         # Bind eagerly, so attribute reads (model.blocks[v].attn.W_Q) never see placeholder weights.
         self._bound_iterations = None
         self._bind(previous if previous is not None else self.cfg.n_iterations)
+
+    def _iteration_hooks(self, iteration: int) -> nn.Module:
+        """The hook-only module of loop iteration ``iteration`` (``loop.{t}``); subclasses add their own."""
+        return IterationHooks(feedback=self.cfg.feedback > 0 and iteration > 0)
 
     def prepare(self, n_iterations: int) -> None:
         """Create the virtual layers of a run of ``n_iterations`` and bind them for attribute reads
@@ -99,6 +104,11 @@ class HookedLoopedModel(HookedRootModule):
             t, l = divmod(v - cfg.n_prelude, cfg.n_blocks)
             if 0 <= v - cfg.n_prelude and t < len(self.loop):
                 self.mod_dict[f"loop.{t}.blocks.{l}.{match.group(2)}"] = module
+                if getattr(cfg, "slow_period", 0):  # two timescales: the core blocks are the slow level
+                    self.mod_dict[f"loop.{t}.slow.blocks.{l}.{match.group(2)}"] = module
+        if getattr(cfg, "slow_period", 0):
+            for t, hooks in enumerate(self.loop):
+                self.mod_dict[f"loop.{t}.slow.hook_state"] = hooks.hook_state
 
     def _bind(self, n_iterations: int) -> None:
         """Point every virtual layer of a run of ``n_iterations`` at its physical weights, for attribute
@@ -163,9 +173,12 @@ class HookedLoopedModel(HookedRootModule):
         return f"blocks.{self.virtual_layer(iteration, block)}.{hook}"
 
     def canonical_name(self, name: str) -> str:
-        """Map an alias ``loop.{t}.blocks.{l}.<hook>`` to its virtual name; other names unchanged."""
+        """Map an alias ``loop.{t}.blocks.{l}.<hook>`` (two-timescale loops: also ``loop.{t}.slow.blocks.{l}.<hook>``
+        and ``loop.{t}.slow.hook_state``) to its real name; other names unchanged."""
+        if getattr(self.cfg, "slow_period", 0) and (state := _SLOW_STATE.match(name)) is not None:
+            return f"loop.{state.group(1)}.hook_state"
         match = _LOOP_NAME.match(name)
-        if match is None:
+        if match is None or (".slow." in name and not getattr(self.cfg, "slow_period", 0)):
             return name
         t, l, rest = int(match.group(1)), int(match.group(2)), match.group(3)
         return self.hook_name(rest, t, l)
@@ -417,7 +430,10 @@ class LoopedActivationCache(ActivationCache):
     def _exact_decomposition(self, method: str) -> None:
         cfg = self.model.cfg
         extra = [what for what, on in (("re-injects the input (input_injection)", cfg.input_injection != "none"),
-                                       ("adds readout feedback (feedback)", bool(cfg.feedback))) if on]
+                                       ("adds readout feedback (feedback)", bool(cfg.feedback)),
+                                       ("mixes its residual streams (hyper_streams)", getattr(cfg, "hyper_streams", 1) > 1),
+                                       ("adds the fast state z_L (slow_period)", bool(getattr(cfg, "slow_period", 0))))
+                 if on]
         if extra:
             raise NotImplementedError(
                 f"{method}: this model {' and '.join(extra)} between iterations, a term TransformerLens's "

@@ -6,6 +6,11 @@ Architecture (the paper's section 5/6 model when prelude and coda are empty)::
            -> for t in range(n_iterations): [inject input] -> core blocks 0..L-1     <- shared weights
            -> coda blocks -> ln_final -> unembed (tied to the embedding)
 
+Two related architectures are options of the same class, off by default (see their sections below):
+hyper-connections on the loop (``cfg.hyper_streams > 1``, Hyperloop) and two-timescale loops
+(``cfg.slow_period > 0``, HRM). Both carry state between iterations beyond the readout state
+(``LoopStep.carry``).
+
 The loop runs in one place, :meth:`LoopedTransformer.steps` (the loop driver); forward and every analysis
 iterate with it. The parts are in models/components.py; the TransformerLens plumbing (a hook name per
 iteration, aliases, run_with_cache, ...) in models/hooked.py.
@@ -19,15 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from looplens.models.components import (
     BlockParams,
     Embed,
+    IterationHooks,
     LayerNorm,
     LayerNormParams,
     PosEmbed,
+    TransformerBlock,
     Unembed,
     init_block_params,
 )
@@ -59,6 +67,9 @@ class LoopStep:
     tokens: Int[Tensor, "batch pos"] = field(repr=False)
     model: LoopedTransformer = field(repr=False)
     _memo: dict = field(default_factory=dict, repr=False)  # shared by the steps of one run
+    # What the loop carries besides ``state`` (None for the plain loop): with hyper_streams > 1 every stream,
+    # [batch, pos, stream, d_model] (stream 0 is ``state``); with slow_period > 0 the fast state z_L.
+    carry: Tensor | None = field(default=None, repr=False)
 
     @property
     def is_last(self) -> bool:
@@ -82,6 +93,33 @@ class LoopStep:
         if self.model.cfg.n_coda:  # the coda's attention needs every position
             return self.readout()[rows, self.positions]
         return self.model.readout(self.state[rows, self.positions][:, None], self.n_iterations)[:, 0]
+
+
+class HyperConnections(nn.Module):
+    """Static hyper-connections around the looped block stack (``cfg.hyper_streams = n > 1``).
+
+    ``W_mix`` [stream_out, stream_in] mixes the n streams before each iteration; its first row is the
+    width connection (the block stack reads stream 0 of the mixed streams, a learned weighted sum of the
+    streams). ``w_depth`` [n - 1] are the depth connection's weights: the block stack's update is written
+    into streams 1..n-1 with these weights and into stream 0 with weight 1 (see
+    :meth:`LoopedTransformer._hyper_iteration` for why the two ties). Init: ``W_mix = I``, ``w_depth = 0``.
+    """
+
+    def __init__(self, n_streams: int):
+        super().__init__()
+        self.W_mix = nn.Parameter(torch.eye(n_streams))
+        self.w_depth = nn.Parameter(torch.zeros(n_streams - 1))
+
+
+class FastStepHooks(nn.Module):
+    """Hook modules of one fast step of a two-timescale loop (``loop.{t}.fast.{s}``): a TransformerBlock per
+    fast block, computing with the fast module's weights (a reference: nothing registered twice), and
+    ``hook_state``, the fast state z_L after the step."""
+
+    def __init__(self, cfg: LoopedConfig, fast: nn.ModuleList):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, params) for params in fast)
+        self.hook_state = HookPoint()  # [batch, pos, d_model]
 
 
 class LoopedTransformer(HookedLoopedModel):
@@ -117,6 +155,10 @@ class LoopedTransformer(HookedLoopedModel):
         if cfg.input_injection == "concat":
             # [state; input] -> state. Starts as "keep the state, add a little input" (see init).
             self.W_inject = nn.Parameter(torch.empty(2 * cfg.d_model, cfg.d_model))
+        if cfg.hyper_streams > 1:
+            self.hyper = HyperConnections(cfg.hyper_streams)
+        if cfg.slow_period:  # the fast (low-level) module; the core blocks are the slow (high-level) one
+            self.fast = nn.ModuleList(BlockParams(cfg) for _ in range(cfg.n_fast_blocks))
         self.ln_final = LayerNorm(cfg, LayerNormParams(cfg), own=True)
         self.unembed = Unembed(cfg, self.embed)
         # Hook-only modules, one per virtual layer / iteration, grown on demand.
@@ -145,6 +187,22 @@ class LoopedTransformer(HookedLoopedModel):
                 self.W_inject.zero_()
                 self.W_inject[: cfg.d_model].copy_(torch.eye(cfg.d_model))
                 self.W_inject[cfg.d_model :].normal_(0.0, cfg.init_std, generator=gen)
+            for params in self.fast if cfg.slow_period else ():  # drawn last: the other weights stay as without
+                init_block_params(params, cfg, gen)
+
+    def _iteration_hooks(self, iteration: int) -> nn.Module:
+        hooks = IterationHooks(feedback=self.cfg.feedback > 0 and iteration > 0)
+        if self.cfg.hyper_streams > 1:
+            hooks.hook_streams = HookPoint()  # [batch, pos, stream, d_model], every stream after the iteration
+        if self.cfg.slow_period:
+            hooks.fast = nn.ModuleList(FastStepHooks(self.cfg, self.fast) for _ in range(self.cfg.slow_period))
+        return hooks
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether the loop carries more than the readout state between iterations (hyper-connections, two
+        timescales): then :class:`LoopStep` has a ``carry`` and ``iterate`` gives way to :meth:`iterate_carried`."""
+        return self.cfg.hyper_streams > 1 or self.cfg.slow_period > 0
 
     # ------------------------------------------------------------------------------------------------
     # Step-level entry points: embed -> iterate (x T) -> readout
@@ -171,6 +229,9 @@ class LoopedTransformer(HookedLoopedModel):
         block l with ``state`` its resid_pre (injection and feedback, upstream of block 0, are skipped).
         """
         cfg = self.cfg
+        if self.carries_state:
+            raise ValueError(f"iterate: this loop carries more than the state (hyper_streams={cfg.hyper_streams}, "
+                             f"slow_period={cfg.slow_period}): use iterate_carried(state, carry, ...) or steps()")
         self._grow(iteration + 1)
         if from_block is None and iteration > 0 and cfg.input_injection != "none":
             if injected is None:
@@ -184,6 +245,113 @@ class LoopedTransformer(HookedLoopedModel):
         for l in range(from_block or 0, cfg.n_blocks):
             state = self._block(self.virtual_layer(iteration, l), self.core[l])(state)
         return self.loop[iteration].hook_state(state)
+
+    def initial_state(self, loop_input: Float[Tensor, "batch pos d_model"]
+                      ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor | None]:
+        """(state, carry) before iteration 0: the loop's input and, with hyper-connections, every stream a copy
+        of it; with two timescales z_H = z_L = 0 (see :meth:`_two_timescale_iteration`); else no carry."""
+        if self.cfg.hyper_streams > 1:
+            return loop_input, einops.repeat(loop_input, "batch pos d_model -> batch pos stream d_model",
+                                             stream=self.cfg.hyper_streams)
+        if self.cfg.slow_period:
+            return torch.zeros_like(loop_input), torch.zeros_like(loop_input)
+        return loop_input, None
+
+    def iterate_carried(
+        self, state: Float[Tensor, "batch pos d_model"], carry: Tensor, iteration: int,
+        injected: Float[Tensor, "batch pos d_model"], *, from_block: int | None = None,
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor]:
+        """One iteration of a loop that carries state (``carries_state``): ``(state, carry) -> (state, carry)``.
+
+        ``state`` and ``carry`` are what :meth:`initial_state` (at t = 0) or the previous call returned,
+        ``injected`` the loop's input. ``from_block=l``
+        resumes at core block l with ``state`` its resid_pre; ``carry`` is then the one *into* iteration t
+        (two timescales: the fast state after iteration t's fast steps).
+        """
+        self._grow(iteration + 1)
+        if self.cfg.hyper_streams > 1:
+            return self._hyper_iteration(state, carry, iteration, from_block)
+        return self._two_timescale_iteration(state, carry, iteration, injected, from_block)
+
+    # --- hyper-connections (cfg.hyper_streams > 1) ----------------------------------------------------
+    def _hyper_iteration(self, state: Float[Tensor, "batch pos d_model"],
+                         streams: Float[Tensor, "batch pos stream d_model"], iteration: int, from_block: int | None
+                         ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos stream d_model"]]:
+        """One iteration with static hyper-connections (Zhu et al. 2024, "Hyper-Connections"), applied at the
+        iteration level, around the whole looped block stack (as Hyperloop mixes after each loop iteration;
+        per-block connections would change every block's residual and so TransformerLens's block hooks)::
+
+            mixed = W_mix @ streams              # stream mixing, n x n (the paper's A_r)
+            x     = mixed[0]                     # width connection: the blocks read row 0 of W_mix . streams
+            y     = blocks(x)                    # core blocks 0..L-1, blocks.{v}.* hooks as usual
+            streams' = mixed + w (y - x),  w = (1, w_depth)   # depth connection (the paper's B)
+
+        so stream 0 after the iteration is exactly ``y``, the last block's resid_post, and it is the readout
+        state (``loop.{t}.hook_state``, ``LoopStep.state``): the logit lens of the last layer is the model's
+        output and every interp function reads what the readout reads. That is why the width connection is
+        tied to the mixing's first row and stream 0's depth weight is fixed at 1 (the paper's free width
+        vector, and its readout of the summed streams, would make the readout state no block's activation).
+        What the extra streams add is what the *next* iteration reads: ``W_mix[0] . streams'`` instead of y.
+        Weights are shared by all iterations, like the blocks (so the iteration count stays a run argument).
+
+        Init (``W_mix = I``, ``w_depth = 0``, streams start as copies of the loop's input): exactly the plain
+        looped model with the same blocks, streams 1..n-1 holding the loop's input unchanged, so learning
+        ``W_mix[0, 1:]`` is learning to re-inject the input, and the streams differ from the first step
+        (n identical streams with symmetric weights would never break the symmetry).
+        """
+        cfg = self.cfg
+        mixed = einops.einsum(self.hyper.W_mix, streams,
+                              "stream_out stream_in, batch pos stream_in d_model -> batch pos stream_out d_model")
+        read = mixed[:, :, 0]
+        resid = read if from_block is None else state
+        for l in range(from_block or 0, cfg.n_blocks):
+            resid = self._block(self.virtual_layer(iteration, l), self.core[l])(resid)
+        update = resid - read
+        rest = mixed[:, :, 1:] + einops.einsum(self.hyper.w_depth, update,
+                                               "stream, batch pos d_model -> batch pos stream d_model")
+        hooks = self.loop[iteration]
+        streams = hooks.hook_streams(torch.cat([resid[:, :, None], rest], dim=2))
+        state = hooks.hook_state(streams[:, :, 0])
+        if state is not streams[:, :, 0]:  # a hook replaced the readout state: the carried stream 0 follows
+            streams = torch.cat([state[:, :, None], streams[:, :, 1:]], dim=2)
+        return state, streams
+
+    # --- two timescales (cfg.slow_period > 0) ----------------------------------------------------------
+    def _two_timescale_iteration(self, z_H: Float[Tensor, "batch pos d_model"], z_L: Float[Tensor, "batch pos d_model"],
+                                 iteration: int, injected: Float[Tensor, "batch pos d_model"], from_block: int | None
+                                 ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_model"]]:
+        """One high-level cycle of a two-timescale loop (Wang et al. 2025, "Hierarchical Reasoning Model")::
+
+            for s in range(slow_period):  z_L = fast_blocks(z_L + z_H + x)    # loop.{t}.fast.{s}.* hooks
+            z_H = core_blocks(z_H + z_L)                                     # blocks.{v}.* = loop.{t}.slow.blocks.*
+
+        x is the loop's input (embedding + prelude); the readout reads z_H (``loop.{t}.hook_state`` =
+        ``loop.{t}.slow.hook_state``, the last core block's resid_post), so the virtual layers are the slow
+        module's and ``n_iterations`` counts slow updates (HRM's N cycles of T = slow_period fast steps).
+        Kept from HRM: the two timescales, the fast module's injection of z_H and the input, the slow
+        module reading z_L by addition, post-hoc readout of z_H only. Not kept: the one-step gradient
+        approximation (gradients flow through every step, or through the last ``backprop_last`` cycles),
+        adaptive computation time and its Q-head, deep supervision over segments, and HRM's fixed random
+        initial states: z_H and z_L start at zero, so the first fast step reads exactly the embedded input.
+        """
+        if from_block is None:
+            z_L = self._fast_steps(z_H, z_L, iteration, injected)
+            resid = z_H + z_L
+        else:
+            resid = z_H  # the resid_pre of core block from_block; z_L is already this cycle's
+        for l in range(from_block or 0, self.cfg.n_blocks):
+            resid = self._block(self.virtual_layer(iteration, l), self.core[l])(resid)
+        return self.loop[iteration].hook_state(resid), z_L
+
+    def _fast_steps(self, z_H: Float[Tensor, "batch pos d_model"], z_L: Float[Tensor, "batch pos d_model"],
+                    iteration: int, injected: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """The fast module's ``slow_period`` steps of cycle ``iteration``, z_H held fixed: z_L after them."""
+        for step in self.loop[iteration].fast:
+            resid = z_L + z_H + injected
+            for block in step.blocks:
+                resid = block(resid)
+            z_L = step.hook_state(resid)
+        return z_L
 
     def feedback_vector(self, state: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         """``cfg.feedback * softmax(ln_final(state) @ W_U + b_U) @ W_E`` at every position: the model's
@@ -239,6 +407,7 @@ class LoopedTransformer(HookedLoopedModel):
         state: Float[Tensor, "batch pos d_model"] | None = None,
         loop_input: Float[Tensor, "batch pos d_model"] | None = None,
         backprop_last: int | None = None,
+        carry: Tensor | None = None,
     ) -> Iterator[LoopStep]:
         """The one loop driver: embed, then run the loop, yielding a :class:`LoopStep` after each iteration.
 
@@ -253,6 +422,14 @@ class LoopedTransformer(HookedLoopedModel):
         to resume past it when ``cfg.input_injection`` re-injects it (a run resumed in the prelude
         recomputes it, so a patched prelude layer reaches every injection).
         backprop_last: truncated backprop, gradients flow through the last k iterations only.
+
+        Loops that carry state (``carries_state``: hyper-connections, two timescales) resume from ``state``
+        (the readout state, or at ``start_layer`` that layer's resid_pre) plus what they carry: ``carry``
+        (``LoopStep.carry`` of iteration start-1; with ``start`` only), else the carry of ``tokens``' own run up
+        to the resume point, recomputed without gradient (its hooks fire). Resumed inside the loop they
+        recompute the loop's input from ``tokens`` (``loop_input`` is not used: their layer-P resid_pre is
+        not the loop's input). So resuming from the tokens' own activation reproduces the full run, and a
+        patched ``state`` patches that activation alone.
         """
         tokens = self._check_tokens(tokens)
         T = self._check_iterations(n_iterations)
@@ -279,7 +456,12 @@ class LoopedTransformer(HookedLoopedModel):
         if past_input and loop_input is None and cfg.input_injection != "none":
             raise ValueError(f"input_injection={cfg.input_injection!r} re-injects the loop's input: pass "
                              "loop_input to resume past it")
+        if carry is not None and (not self.carries_state or start_layer is not None or not start):
+            raise ValueError("carry resumes a loop that carries state (hyper_streams > 1 or slow_period > 0) at an "
+                             "iteration start > 0; at start_layer the carry is recomputed from the tokens")
         self._grow(T)
+        if self.carries_state:
+            return self._steps_carried(tokens, T, start, start_layer, state, loop_input, backprop_last, carry)
         return self._steps(tokens, T, start, start_layer, state, loop_input, backprop_last)
 
     def _steps(self, tokens: Tensor, T: int, start: int, start_layer: int | None, state: Tensor | None,
@@ -302,6 +484,44 @@ class LoopedTransformer(HookedLoopedModel):
                 state = state.detach()
             state = self.iterate(state, t, loop_input, from_block=from_block if t == start else None)
             yield LoopStep(t, T, state, loop_input, tokens, self, memo)
+
+    def _steps_carried(self, tokens: Tensor, T: int, start: int, start_layer: int | None, state: Tensor | None,
+                       loop_input: Tensor | None, backprop_last: int | None, carry: Tensor | None
+                       ) -> Iterator[LoopStep]:
+        """``_steps`` for loops that carry state: (state, carry) -> iterate_carried -> (state, carry)."""
+        P, L = self.cfg.n_prelude, self.cfg.n_blocks
+        from_block = None
+        if start_layer is not None and start_layer < P:  # resumed in the prelude: its output is the loop's input
+            for v in range(start_layer, P):
+                state = self._block(v, self.prelude[v])(state)
+            loop_input, start_layer = state, None
+        elif start_layer is not None:
+            start, from_block = divmod(start_layer - P, L)
+        resumed_inside = start > 0 or from_block is not None
+        if resumed_inside:  # the tokens' own (layer P's resid_pre is the streams' read / z_H + z_L, not the input)
+            loop_input = self.embed_tokens(tokens)
+        elif state is not None:  # the state before iteration 0 is the loop's input
+            loop_input = state
+        elif loop_input is None:
+            loop_input = self.embed_tokens(tokens)
+        if not resumed_inside:
+            state, carry = self.initial_state(loop_input)
+        elif carry is None:  # the tokens' own carry up to the resume point
+            own, carry = self.initial_state(loop_input)
+            with torch.no_grad():
+                for t in range(start):
+                    own, carry = self.iterate_carried(own, carry, t, loop_input)
+                if from_block is not None and self.cfg.slow_period:  # z_L after this cycle's fast steps
+                    carry = self._fast_steps(own, carry, start, loop_input)
+        if start > 0 and from_block is None and self.cfg.hyper_streams > 1:
+            carry = torch.cat([state[:, :, None], carry[:, :, 1:]], dim=2)  # stream 0 is the state resumed from
+        memo: dict = {}
+        for t in range(start, T):
+            if backprop_last is not None and t == T - backprop_last:
+                state, carry = state.detach(), carry.detach()
+            state, carry = self.iterate_carried(state, carry, t, loop_input,
+                                                from_block=from_block if t == start else None)
+            yield LoopStep(t, T, state, loop_input, tokens, self, memo, carry=carry)
 
     # ------------------------------------------------------------------------------------------------
     # Forward

@@ -76,6 +76,9 @@ def check_batchable(cfg: TrainConfig) -> None:
     dropout = model.dropout if model.embed_dropout is None else max(model.dropout, model.embed_dropout)
     if model.dropout or dropout:
         raise ValueError("--seeds: model.dropout > 0 draws masks from one global RNG; ensembles need dropout 0")
+    if model.hyper_streams > 1 or model.slow_period:
+        raise ValueError(f"--seeds: model.hyper_streams={model.hyper_streams} / model.slow_period={model.slow_period} "
+                         "carry state between iterations that the batched step does not thread; train the seeds one by one")
 
 
 class _Member(nn.Module):
