@@ -43,7 +43,8 @@ FAST_RECIPE = ("model.feedback=1", "recurrence.supervise=from_hops", "optim.weig
 # tiny-composition-paper + these = tiny-composition (issue 15's recipe for the paper's own model: recipe values
 # only, no architecture or loss change; docs/research/paper-model/README.md)
 PAPER_MODEL_RECIPE = ("data.world=random-tail", "optim.weight_decay=1.0", "optim.atomic_share=0.4", "optim.schedule=cosine",
-                      "optim.decay_steps=9900", "optim.min_lr_ratio=0.1", "optim.label_smoothing=0.1")
+                      "optim.decay_steps=9900", "optim.min_lr_ratio=0.1", "optim.label_smoothing=0.1",
+                      "optim.betas=0.9,0.98")
 
 
 def interventions_for(base_lr: float, base_phi: float, base_batch: int = 256, base_depth: int = 4,
@@ -70,7 +71,7 @@ def interventions_for(base_lr: float, base_phi: float, base_batch: int = 256, ba
                      "from-hops, 40% atomic, cosine lr"),
         Intervention("paper-model-recipe", PAPER_MODEL_RECIPE,
                      "issue 15's recipe (the tiny-composition preset, the paper's model): random-tail world, wd 1, "
-                     "40% atomic, cosine lr over 10k steps, label smoothing 0.1"),
+                     "40% atomic, cosine lr over 10k steps, label smoothing 0.1, Adam beta2 0.98"),
         Intervention("batch-4x", (f"optim.batch_size={4 * base_batch}",),
                      f"batch {base_batch} -> {4 * base_batch}, same lr: 4x the epochs per step (steps or epochs?)"),
         Intervention("lr-half", (f"optim.lr={base_lr / 2:g}",), f"lr {base_lr:g} -> {base_lr / 2:g}"),
