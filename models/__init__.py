@@ -18,6 +18,7 @@ _EXPORTS = {
     "KLEntropyHalting": "looplens.models.halting",
     "KLHalting": "looplens.models.halting",
     "LatentChangeHalting": "looplens.models.halting",
+    "LearnedExit": "looplens.models.halting",
     "make_halting_rule": "looplens.models.halting",
     "AdaptiveOutput": "looplens.models.looped",
     "LoopedActivationCache": "looplens.models.looped",
@@ -28,6 +29,15 @@ _EXPORTS = {
     "ForeignLoopedModel": "looplens.models.foreign",
     "wrap_looped": "looplens.models.foreign",
     "retrofit_loop": "looplens.models.foreign",
+    "ExitHead": "looplens.models.exit",
+    "ExitTrace": "looplens.models.exit",
+    "entropy_regularised_loss": "looplens.models.exit",
+    "exit_distribution": "looplens.models.exit",
+    "exit_iterations": "looplens.models.exit",
+    "exit_vs_halting": "looplens.models.exit",
+    "forward_exit": "looplens.models.exit",
+    "improvement_loss": "looplens.models.exit",
+    "train_exit_head": "looplens.models.exit",
 }
 
 __all__ = sorted(_EXPORTS)
