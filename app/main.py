@@ -42,10 +42,12 @@ def main() -> None:
 
     from looplens.app import state, ui  # light: Streamlit and the standard library
 
-    ui.sidebar()
+    sidebar_runs = ui.sidebar()
     with ui.guard("Loading torch, TransformerLens and looplens", "Check the installation: "
-                  "`pip install -e .` in the looplens checkout, then restart `looplens app`."):
+                  "`pip install -e .` in the looplens checkout, then restart `looplens app`.") as loaded:
         state.libraries()
+    if loaded.ok:
+        ui.label_sidebar(sidebar_runs)  # "— modified" on runs that are not the paper's model
     page.run()
 
 

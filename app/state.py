@@ -41,6 +41,7 @@ def _stamp(path: Path) -> tuple[float, int]:
 def libraries() -> bool:
     """Import the heavy libraries once per server process, with a spinner where it is called (app/main.py
     calls it under the page's title; :func:`open_run` too, for callers outside the app's pages)."""
+    import looplens.analyses.claims  # noqa: F401 - the run labels (differences from the paper)
     import looplens.app.figures  # noqa: F401 - pandas, plotly
     import looplens.interp  # noqa: F401 - torch, TransformerLens
     import looplens.models.train  # noqa: F401
@@ -105,6 +106,22 @@ def describe(path: str) -> dict:
     recurrence = "fixed" if r.mode == "fixed" else f"{r.mode} (mean {r.mean:g}, {r.min}..{r.max})"
     return {"task": cfg.data.task, "blocks": m.n_blocks, "iterations": m.n_iterations,
             "recurrence": recurrence, "d_model": m.d_model}
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _differences(path: str, stamp: tuple[float, int]) -> dict[str, list[str]]:
+    from looplens.analyses.claims import run_differences
+
+    diff = run_differences(open_run(path).config)
+    return {"core": list(diff.core), "other": list(diff.other)}
+
+
+def differences(path: str) -> dict[str, list[str]]:
+    """How the run departs from the paper (analyses.claims.run_differences of its config.json, no checkpoint
+    read): {"core": [...], "other": [...]}. A core difference (readout feedback, intermediate supervision,
+    prelude / coda, input injection, another loss or world type) makes the run a modification of the
+    paper's model; "other" lists recipe values beside the paper's (sizes, lr, weight decay, steps...)."""
+    return _differences(path, _stamp(Path(path) / "config.json"))
 
 
 def checkpoint_steps(path: str) -> list[int]:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 from looplens.app import state
@@ -67,11 +68,14 @@ def all_run_dirs() -> list[Path]:
     return out
 
 
-def sidebar() -> None:
+def sidebar() -> dict[Path, Any]:
     """The sidebar every page shares: the runs (with their problems) and a box to open another.
 
     It checks the runs without opening them (:func:`runs.quick_problem`: no torch import), so it is on
-    screen at once; a run that reads but does not open is reported by :func:`good_runs`, on the page."""
+    screen at once; a run that reads but does not open is reported by :func:`good_runs`, on the page.
+    Returns the run list's line of each run that passed the check, for :func:`label_sidebar` to name
+    the modifications of the paper's model once the libraries are loaded."""
+    lines: dict[Path, Any] = {}
     with st.sidebar:
         st.markdown("### Runs")
         dirs = all_run_dirs()
@@ -84,7 +88,8 @@ def sidebar() -> None:
             if problem:
                 st.error(f"**{label}**: {problem}", icon=":material/error:")
             else:
-                st.caption(f":material/check_circle: **{label}** - `{path}`")
+                lines[path] = st.empty()
+                lines[path].caption(f":material/check_circle: **{label}** - `{path}`")
         with st.form("open_run", clear_on_submit=True, border=False):
             typed = st.text_input("Open another run directory", placeholder="runs/my-run", key="open_run_path",
                                   help="A folder written by `looplens train --out`, or a folder of such runs.")
@@ -94,6 +99,69 @@ def sidebar() -> None:
                 if path not in extra:
                     extra.append(path)
                 st.rerun()
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper's model, or a modification of it (the fidelity rule: docs/app.md, "Modification labels")
+# ---------------------------------------------------------------------------------------------------
+MODIFIED = "modified"
+MODIFIED_VERDICT = "Verdicts on this run are at best 'reproduced with modifications'."
+
+
+def fidelity(path: Path | str) -> tuple[dict[str, list[str]] | None, str | None]:
+    """(the run's differences from the paper, None), or (None, why they cannot be told).
+
+    From config.json alone (:func:`state.differences`), never a checkpoint."""
+    try:
+        return state.differences(str(path)), None
+    except Exception as err:  # noqa: BLE001 - a run that does not open is reported where it is listed
+        return None, error_message(err)
+
+
+def choice_label(label: str, path: Path | str) -> str:
+    """A run's name where runs are chosen: ``label — modified`` for a modification of the paper's model
+    (a core difference: readout feedback, intermediate supervision, another world type, ...)."""
+    diff, problem = fidelity(path)
+    if problem:
+        return f"{label} — not checked"
+    return f"{label} — {MODIFIED}" if diff["core"] else label
+
+
+def fidelity_banner(path: Path | str, label: str | None = None) -> None:
+    """The line every page shows under a chosen run: a warning naming its core differences when it is a
+    modification of the paper's model (recipe differences in an expander), else a caption saying it is
+    the paper's model, with its recipe differences."""
+    diff, problem = fidelity(path)
+    who = f"**{label}**: " if label else ""
+    if problem:
+        st.caption(f":material/help: {who}differences from the paper's model not checked ({problem})")
+        return
+    other = "; ".join(diff["other"]) or "none"
+    if not diff["core"]:
+        st.caption(f":material/verified: {who}the paper's model; recipe differences: {other}")
+        return
+    st.warning(f"{who}Modification of the paper's model: {', '.join(diff['core'])}. {MODIFIED_VERDICT}",
+               icon=":material/science:")
+    if diff["other"]:
+        with st.expander(f"Recipe differences from the paper ({len(diff['other'])})"):
+            st.caption(other)
+
+
+def label_sidebar(lines: dict[Path, Any]) -> None:
+    """Name the modifications of the paper's model in the sidebar's run list (:func:`sidebar`'s lines),
+    once the libraries are loaded. Runs that do not open keep their line: the page says why."""
+    dirs = all_run_dirs()
+    for path, line in lines.items():
+        diff, problem = fidelity(path)
+        if problem:
+            continue
+        label = run_label(path, dirs)
+        if diff["core"]:
+            line.caption(f":material/science: **{label} — {MODIFIED}** - `{path}`",
+                         help="Modification of the paper's model: " + ", ".join(diff["core"]))
+        else:
+            line.caption(f":material/verified: **{label}** (the paper's model) - `{path}`")
 
 
 def good_runs() -> list[Path]:
@@ -144,7 +212,10 @@ def pick_run(key: str = "run", label: str = "Run", prefer: str | None = None) ->
     default = next((lbl for lbl, p in labels.items() if prefer and state.task(str(p)) == prefer), next(iter(labels)))
     widget_key, keep = _persistent(key, list(labels), default)
     choice = st.selectbox(label, list(labels), key=widget_key, on_change=keep,
-                          help="Runs given to `looplens app` or opened in the sidebar.")
+                          format_func=lambda lbl: choice_label(lbl, labels[lbl]),
+                          help="Runs given to `looplens app` or opened in the sidebar. \"modified\": not "
+                          "the paper's model (see the line below the selector).")
+    fidelity_banner(labels[choice])
     return labels[choice]
 
 

@@ -397,3 +397,84 @@ def test_query_leaving_a_random_tail_world(monkeypatch, tmp_path):
     assert q["chain"] == [bridge, int(ds.world.tails[bridge, r2])] and q["problem"] is None
     with pytest.raises(ValueError, match="'e30' at position 0 is not a known token"):
         state.parse_query("run", "e30 r0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fidelity rule: a run that is not the paper's model is labelled wherever it is chosen or shown
+# ---------------------------------------------------------------------------------------------------
+MODIFIED_BANNER = "Modification of the paper's model"
+
+
+def banners(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning if MODIFIED_BANNER in w.value]
+
+
+def all_captions(at: AppTest) -> str:
+    return "\n".join(c.value for c in at.caption)
+
+
+@pytest.fixture(scope="module")
+def shipped_looped(tmp_path_factory) -> Path:
+    """A copy of the shipped looped run (the app rebuilds its dataset beside it: not in the repository)."""
+    from looplens.analyses import shipped_run_path
+
+    root = tmp_path_factory.mktemp("shipped")
+    shutil.copytree(shipped_run_path() / "looped", root / "looped")
+    return root / "looped"
+
+
+@pytest.fixture(scope="module")
+def paper_model_run(tmp_path_factory) -> Path:
+    """A composition run with the paper's model, loss and world type (no feedback, answer-only loss, a
+    random-tail world), trained for 20 steps: its recipe values differ from the paper's, its model not."""
+    from looplens.models.train import preset, train
+
+    out = tmp_path_factory.mktemp("paper") / "rt-looped"
+    cfg = preset("smoke-composition").with_overrides(
+        ["data.world=random-tail", "data.out_degree=2", "data.phi=1.0", "run.max_steps=20", "eval.every=10",
+         "eval.iterations=1,2", "run.save_every=10"])
+    train(cfg, out, progress=False)
+    return out
+
+
+def test_shipped_run_is_labelled_a_modification(monkeypatch, shipped_looped):
+    at = start(monkeypatch, shipped_looped)
+    assert not at.exception, [e.value for e in at.exception]
+    assert "looped — modified" in all_captions(at)  # the sidebar's run list
+    options = at.multiselect(key="training_runs").options
+    assert options == ["looped — modified"], options
+    for page in ["training", "depth", "query", "patching"]:
+        if page != "training":
+            at.switch_page(f"views/{page}.py").run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        found = banners(at)
+        assert len(found) == 1, (page, found)
+        assert "readout feedback (model.feedback=1)" in found[0], found
+        assert "intermediate supervision (recurrence.supervise=from_hops)" in found[0], found
+        assert "world permutation (paper random-tail)" in found[0], found
+        assert "at best 'reproduced with modifications'" in found[0], found
+        expander = [e for e in at.expander if e.label.startswith("Recipe differences from the paper")]
+        assert expander and "model.d_model=128 (paper 768)" in all_captions(at), page
+        if page != "training":
+            assert at.selectbox(key="_w:run").options == ["looped — modified"], page
+
+
+def test_paper_model_run_has_no_modification_banner(monkeypatch, runs, paper_model_run):
+    """Beside a modified run (comp-looped: a permutation world), the paper-model run gets no banner, no
+    suffix, and a caption saying it is the paper's model."""
+    at = start(monkeypatch, paper_model_run, runs / "comp-looped")
+    assert_clean(at)
+    assert at.multiselect(key="training_runs").options == ["rt-looped", "comp-looped — modified"]
+    found = banners(at)
+    assert len(found) == 1 and found[0].startswith("**comp-looped**") and "world permutation" in found[0], found
+    assert "rt-looped**: the paper's model; recipe differences: data.n_entities=40" in all_captions(at)
+    assert "**rt-looped** (the paper's model)" in all_captions(at)  # the sidebar
+    for page in ["query", "patching"]:
+        at.switch_page(f"views/{page}.py").run()
+        assert_clean(at)
+        assert at.selectbox(key="_w:run").value == "rt-looped", page
+        assert banners(at) == [], (page, banners(at))
+        assert ":material/verified: the paper's model; recipe differences:" in all_captions(at), page
+        at.selectbox(key="_w:run").set_value("comp-looped").run()  # the other run does get the banner
+        assert not at.exception and len(banners(at)) == 1 and "world permutation" in banners(at)[0], page
+        at.selectbox(key="_w:run").set_value("rt-looped").run()

@@ -17,10 +17,14 @@ if not runs:
 
 labels = {run_label(p, runs): p for p in runs}
 chosen = st.multiselect("Runs to overlay", list(labels), default=list(labels), key="training_runs",
-                        help="Lines of one run share a dash style; each split keeps its colour across runs.")
+                        format_func=lambda lbl: ui.choice_label(lbl, labels[lbl]),
+                        help="Lines of one run share a dash style; each split keeps its colour across runs. "
+                        "\"modified\": not the paper's model (see the lines below).")
 if not chosen:
     st.info("Pick at least one run.")
     st.stop()
+for label in chosen:
+    ui.fidelity_banner(labels[label], label)
 
 frames = {}
 for label in chosen:
