@@ -1,6 +1,7 @@
 """Package trained runs as looplens's shipped run (analyses/shipped_run/), for maintainers.
 
     python scripts/ship_run.py SRC_PARENT --runs looped vanilla --final-only vanilla
+    python scripts/ship_run.py REPRO/runs --runs comp-looped comp-vanilla --as paper-looped paper-vanilla --keep
     looplens report analyses/shipped_run/looped analyses/shipped_run/vanilla --out analyses/shipped_run/report
 
 Copies each SRC_PARENT/<run> (config.json, metrics.csv, summary.json) and a handful of its checkpoints
@@ -55,12 +56,19 @@ def main() -> int:
     ap.add_argument("--final-only", nargs="*", default=[], metavar="RUN",
                     help="runs that ship only their final checkpoint (the 20 MB package budget)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.95])
+    ap.add_argument("--as", dest="names", nargs="+", default=None, metavar="NAME",
+                    help="ship the runs under these names (one per --runs entry; default: their own names)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the runs already shipped in --dest (replace only the ones named here)")
     args = ap.parse_args()
+    names = args.names or args.runs
+    if len(names) != len(args.runs):
+        ap.error(f"--as needs one name per run: {len(args.runs)} runs, {len(names)} names")
 
-    if args.dest.exists():
+    if args.dest.exists() and not args.keep:
         shutil.rmtree(args.dest)
-    (args.dest / ".datasets").mkdir(parents=True)
-    for name in args.runs:
+    (args.dest / ".datasets").mkdir(parents=True, exist_ok=True)
+    for name, shipped_name in zip(args.runs, names):
         src = args.src / name
         config = json.loads((src / "config.json").read_text())
         iterations = config["model_config"]["n_iterations"]
@@ -70,7 +78,9 @@ def main() -> int:
         keep = pick_checkpoints(available, stage_steps(src, iterations, args.thresholds), args.max_checkpoints)
         if name in args.final_only:
             keep = [available[-1]]
-        dst = args.dest / name
+        dst = args.dest / shipped_name
+        if dst.exists():
+            shutil.rmtree(dst)
         (dst / "checkpoints").mkdir(parents=True)
         for file in ("config.json", "metrics.csv", "summary.json"):
             shutil.copy2(src / file, dst / file)
@@ -81,7 +91,7 @@ def main() -> int:
         target = args.dest / ".datasets" / dataset.name
         if not target.exists():
             shutil.copytree(dataset, target)
-        print(f"{name}: checkpoints {keep}")
+        print(f"{name} -> {dst.name}: checkpoints {keep}")
     total = sum(p.stat().st_size for p in args.dest.rglob("*") if p.is_file())
     print(f"{args.dest}: {total / 1e6:.1f} MB")
     return 0
