@@ -219,3 +219,35 @@ def test_evaluation_chunked_by_query_length_gives_the_rows_of_padded_chunks():
     assert [r["n"] for r in rows] == [30, 30, 30, 30, 30, 30]
     for r, q in zip(rows, rows_padded, strict=True):
         assert r["accuracy"] == q["accuracy"] and r["loss"] == pytest.approx(q["loss"], rel=1e-5, abs=1e-6)
+
+
+COMPILE_TRAIN_CHECK = """
+import tempfile, warnings
+from pathlib import Path
+import pandas as pd, torch
+from looplens.models.train import preset, train
+warnings.filterwarnings("ignore")
+cfg = preset("smoke-composition").with_overrides(["run.max_steps=6", "eval.every=3", "run.log_every=3"])
+with tempfile.TemporaryDirectory() as tmp:
+    frames = {}
+    for flag in ("false", "true"):
+        result = train(cfg.with_overrides([f"run.compile={flag}"]), Path(tmp) / flag, progress=False)
+        frames[flag] = pd.read_csv(result.path / "metrics.csv")
+    a, b = frames["false"], frames["true"]
+    assert a[["step", "split", "hops", "iterations"]].equals(b[["step", "split", "hops", "iterations"]])
+    assert ((a["loss"] - b["loss"]).abs() <= 1e-4 * (1 + a["loss"].abs())).all(), (a["loss"] - b["loss"]).abs().max()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_run_compile_trains_the_same_numbers_as_eager():
+    # a subprocess, as above: the test run's jaxtyping/beartype call checks do not trace under dynamo
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_TRAIN_CHECK], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]

@@ -197,6 +197,8 @@ class Trainer:
         self.model.to(self.device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_module = distributed.training_module(self.dist, self.model, self.device)
+        if cfg.run.compile:  # compiled lazily, at the first step; the model itself (evaluation, hooks) stays eager
+            self.step_module.compile()
         self.optimizer = self._new_optimizer()
         self.grokfast = Grokfast(cfg.optim.grokfast_alpha, cfg.optim.grokfast_lambda) if cfg.optim.grokfast_lambda > 0 else None
         self.batches = self._new_batch_sampler()
