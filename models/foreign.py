@@ -666,6 +666,9 @@ class RetrofittedLoop(nn.Module):
 
         super().__init__()
         cfg = model.cfg
+        if cfg.hyper_streams > 1 or cfg.slow_period:  # their streams / fast module are not blocks to loop
+            raise ValueError(f"retrofit_loop: the model must be a plain stack, got hyper_streams={cfg.hyper_streams}, "
+                             f"slow_period={cfg.slow_period}")
         if cfg.n_iterations != 1 or cfg.n_prelude or cfg.n_coda:
             raise ValueError("retrofit_loop: the model must be a vanilla stack (n_iterations=1, no prelude / coda), "
                              f"got n_iterations={cfg.n_iterations}, n_prelude={cfg.n_prelude}, n_coda={cfg.n_coda}")

@@ -5,6 +5,8 @@ checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from looplens.interp import (
@@ -19,6 +21,7 @@ from looplens.models import LoopedConfig, LoopedTransformer
 from looplens.models.components import TransformerBlock
 from transformer_lens.hook_points import HookPoint
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKENS = torch.tensor([[1, 12, 15, 17], [3, 14, 16, 0], [5, 13, 0, 0]])
 BASE = dict(d_vocab=23, n_ctx=5, d_model=16, n_heads=2, n_blocks=2, n_iterations=3, seed=0)
 ARCHS = {
@@ -327,6 +330,14 @@ def test_save_load_round_trip(tmp_path, kw):
     assert torch.equal(loaded(TOKENS, n_iterations=4), model(TOKENS, n_iterations=4))
 
 
+def test_retrofit_refuses_these_options_naming_them():
+    from looplens.models import retrofit_loop
+
+    for kw in ({"hyper_streams": 2}, {"slow_period": 2}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            retrofit_loop(model_of(**kw, n_iterations=1), (0, 1))
+
+
 def test_ensemble_refuses_these_options_naming_them():
     from looplens.models.train import preset
     from looplens.models.train.ensemble import check_batchable
@@ -350,3 +361,59 @@ def test_smoke_training_learns(tmp_path, override):
     model = load_run(tmp_path / "run").model() if hasattr(load_run(tmp_path / "run"), "model") else None
     if model is not None:
         assert model.carries_state
+
+
+# ---------------------------------------------------------------------------------------------------
+# The studies in docs/foreign.md: each block run as written, its findings checked
+# ---------------------------------------------------------------------------------------------------
+def _run_doc_study(heading: str) -> dict:
+    """Run the python block under ``heading`` in docs/foreign.md (as test_docs_examples does); its namespace."""
+    text = (ROOT / "docs" / "foreign.md").read_text(encoding="utf-8")
+    code = text.split(f"\n{heading}\n", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+    namespace: dict = {"__name__": "__doc_study__"}
+    exec(compile(code, f"docs/foreign.md ({heading})", "exec"), namespace)
+    return namespace
+
+
+def _final_accuracy(run, split: str, iterations: int) -> float:
+    m = run.metrics
+    row = m[(m.split == split) & (m.iterations == iterations) & (m.step == m.step.max())]
+    return float(row.accuracy.iloc[0])
+
+
+@pytest.mark.slow
+def test_hyperloop_study(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = _run_doc_study("### Study: a tiny two-stream loop")
+    run, model, per_stream, hops = ns["run"], ns["model"], ns["per_stream"], ns["hops"]
+    assert _final_accuracy(run, "train_inferred", 4) > 0.9 and _final_accuracy(run, "train_inferred", 2) < 0.8
+    assert _final_accuracy(run, "test_inferred_id", 4) < 0.2
+    for t in range(4):
+        bridge0, answer0, cos0 = per_stream[t, 0]
+        bridge1, answer1, cos1 = per_stream[t, 1]
+        assert abs(answer1 - answer0) <= 0.05 and abs(bridge1 - bridge0) <= 0.07  # both streams carry them
+        assert cos1 > cos0  # stream 1 keeps more of the loop's input
+    assert per_stream[0, 0][1] < 0.3 and per_stream[3, 0][1] > 0.9
+    W, w = model.hyper.W_mix.detach(), model.hyper.w_depth.detach()
+    assert W[0, 0] > 1.1 and W[0, 1] > 0.1 and w[0] > 0.1 and 0.5 < W[1, 1] < 0.95  # moved off I and 0
+    assert (hops.fraction_resolved > 0.9).all()
+    assert hops.loc[1, "iteration_mean"] < hops.loc[2, "iteration_mean"]  # the bridge before the answer
+
+
+@pytest.mark.slow
+def test_hrm_study(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = _run_doc_study("### Study: which level resolves each hop")
+    run, levels, hops, located = ns["run"], ns["levels"], ns["hops"], ns["located"]
+    assert _final_accuracy(run, "train_inferred", 2) > 0.95 and _final_accuracy(run, "test_inferred_id", 2) < 0.2
+    assert list(levels) == ["input", "cycle 0 fast 0", "cycle 0 fast 1", "cycle 0 slow",
+                            "cycle 1 fast 0", "cycle 1 fast 1", "cycle 1 slow"]
+    assert max(levels["input"]) < 0.1
+    bridge, answer = levels["cycle 0 slow"]
+    assert bridge > 0.9 and answer > 0.9  # the first slow update resolves both hops ...
+    assert max(levels["cycle 0 fast 0"] + levels["cycle 0 fast 1"]) < 0.4  # ... the fast steps before it neither
+    assert min(levels["cycle 1 fast 0"] + levels["cycle 1 fast 1"]) > 0.8  # z_L reads it back through z_H
+    assert min(levels["cycle 1 slow"]) > 0.98
+    assert (hops.fraction_resolved > 0.95).all() and (hops.iteration_mean < 0).all()
+    before = located[located.resolved].groupby("hop")["iteration"].apply(lambda it: float((it == -1).mean()))
+    assert 0.2 < before[1] < 0.45 and 0.15 < before[2] < 0.4  # decoded from z_L after cycle 0's fast steps
