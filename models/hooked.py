@@ -3,7 +3,9 @@
 Hook names are those of the unrolled network: iteration t of core block l is *virtual layer*
 ``v = n_prelude + t * L + l`` and fires ``blocks.{v}.hook_resid_pre`` etc., so ActivationCache,
 ``transformer_lens.patching`` and ``utils.get_act_name`` work unchanged. ``loop.{t}.blocks.{l}.<hook>``
-is an alias of the same hook point and ``loop.{t}.hook_state`` fires after each iteration.
+is an alias of the same hook point and ``loop.{t}.hook_state`` fires after each iteration (hyper-connections
+add ``loop.{t}.hook_streams``; two-timescale loops ``loop.{t}.fast.{s}.*`` and the slow-level aliases
+``loop.{t}.slow.blocks.{l}.<hook>`` / ``loop.{t}.slow.hook_state``: models/looped.py).
 ``cfg.n_layers`` is the virtual depth at the default iteration count; ``with model.iterations(T):``
 changes the default (and so ``cfg.n_layers``) for code, like TL's patching, that calls the model itself.
 
