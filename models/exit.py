@@ -226,6 +226,16 @@ class ExitHead(HookedRootModule):
         normed = F.layer_norm(x, (self.d_model,))
         return self.loop[iteration].hook_exit_lambda(torch.sigmoid(self.gate(normed)[:, 0]))
 
+    def exit_lambdas(self, readout_states: Float[Tensor, "batch iteration d_model"]) -> Float[Tensor, "batch iteration"]:
+        """The gates of iterations 0..T-1 at once from stacked readout states (each iteration's hook fires)."""
+        if readout_states.ndim != 3 or readout_states.shape[-1] != self.d_model:
+            raise ValueError(f"readout_states must have shape [batch, iteration, d_model={self.d_model}], "
+                             f"got {tuple(readout_states.shape)}")
+        self._grow(readout_states.shape[1])
+        x = readout_states.to(self.gate.weight.dtype)
+        lam = torch.sigmoid(self.gate(F.layer_norm(x, (self.d_model,)))[..., 0])
+        return torch.stack([self.loop[t].hook_exit_lambda(lam[:, t]) for t in range(lam.shape[1])], -1)
+
     def forward(self, model: Any, tokens: Any, n_iterations: int | None = None, *,
                 model_grad: bool = False) -> ExitTrace:
         """Run ``model`` for T iterations (default ``max_iterations``) through its loop driver, gating
@@ -434,7 +444,7 @@ def train_exit_head(
                 step_losses = torch.stack([F.cross_entropy(lg.float(), answers[idx], reduction="none")
                                            for lg in trace.answer_logits], 1)
             else:
-                lam = torch.stack([head.exit_lambda(states[idx, t], t) for t in range(T)], -1)
+                lam = head.exit_lambdas(states[idx])
                 step_losses = losses[idx]
             loss = _objective(head, lam, step_losses, objective, beta, k, gamma)
             optim.zero_grad(set_to_none=True)
