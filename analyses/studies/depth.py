@@ -3,8 +3,9 @@
 For every depth-task run (curriculum training, fixed or dynamic R): the learnable depth (last
 curriculum stage passed), and test accuracy over hops x inference iterations 1..max_iterations at the
 final checkpoint. The *answered depth* at T iterations is the largest k such that every hop count 2..k
-reaches ``options.depth_threshold``; *reach* is its maximum over T, and *extension* = reach - the
-answered depth at the training iteration count: how far extra iterations carry the model.
+reaches ``options.depth_threshold``; *reach* is its maximum over T, and *extension* = the best answered
+depth at T >= the training iteration count, minus the answered depth at the training count: how far extra
+iterations carry the model (a deeper answer at *fewer* iterations than trained counts in reach, not here).
 """
 
 from __future__ import annotations
@@ -50,14 +51,21 @@ def answered_depth(acc_by_hops: pd.Series, threshold: float) -> int:
 
 def depth_profile(table: pd.DataFrame, train_T: int, threshold: float) -> dict:
     """Answered depth per iteration count, reach, best T and extension from a (hops, iterations,
-    accuracy) table of one run."""
+    accuracy) table of one run. Only iteration counts >= ``train_T`` extend the depth:
+
+    >>> t = pd.DataFrame({"hops": [2, 3] * 3, "iterations": [3, 3, 4, 4, 6, 6], "accuracy": [1, 1, 1, .5, 1, .5]})
+    >>> p = depth_profile(t, train_T=4, threshold=0.9)
+    >>> p["reach"], p["best_T"], p["extension"]
+    (3, 3, 0)
+    """
     per_T = {int(T): answered_depth(g.set_index("hops")["accuracy"], threshold)
              for T, g in table.groupby("iterations")}
     reach = max(per_T.values())
     best_T = min(T for T, d in per_T.items() if d == reach)
     at_train = per_T.get(int(train_T))
+    beyond = [d for T, d in per_T.items() if T >= int(train_T)]
     return {"answered_depth_by_T": per_T, "answered_depth_train_T": at_train, "reach": reach, "best_T": best_T,
-            "extension": None if at_train is None else reach - at_train}
+            "extension": None if at_train is None else max(beyond) - at_train}
 
 
 def run(runs: Sequence, options: StudyOptions) -> StudyResult:
