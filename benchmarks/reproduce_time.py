@@ -71,12 +71,15 @@ def main() -> None:
     parser.add_argument("--preset", default="smoke", choices=["smoke", "tiny", "paper"])
     parser.add_argument("--ledger", type=Path, help="a finished reproduce --out directory to record (no run)")
     parser.add_argument("--demo-wall", type=float, help="with --ledger: the demo's measured wall seconds")
+    parser.add_argument("--wall", type=float, help="with --ledger: the reproduce command's own wall seconds (its last line)")
+    parser.add_argument("--note", default=None, help="with --ledger: what else ran on the machine meanwhile")
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/reproduce_<preset>.json)")
     args = parser.parse_args()
     if args.ledger is not None:
         stages = _stages(args.ledger / "ledger.json")
-        result = {"demo_wall_seconds": args.demo_wall, "wall_seconds": None,
-                  "stage_seconds_total": round(sum(stages.values()), 1), "stages": stages}
+        result = {"demo_wall_seconds": args.demo_wall, "wall_seconds": args.wall,
+                  "stage_seconds_total": round(sum(stages.values()), 1), "stages": stages,
+                  **({"note": args.note} if args.note else {})}
     else:
         result = measure(args.preset)
     record = {"benchmark": f"looplens reproduce --preset {args.preset}", "command": " ".join(["python", *sys.argv]),
