@@ -310,19 +310,23 @@ def activation_patching(
         if not torch.equal(readout, model.readout_positions(corrupted_t)):
             raise ValueError("clean and corrupted queries must have the same lengths (readout positions) pair by pair")
         rows = torch.arange(B, device=clean_t.device)
+        fast = _fast_path_applies(model, short, by_position)
+        n_layers = model.cfg.n_prelude + T * model.cfg.n_blocks
+        # the fast path reads the resid_pre of every layer from the first patched one, of both runs (keys /
+        # values to reuse; the clean one for position-0 patches, see _sweep_suffix)
+        every = {f"blocks.{v}.hook_resid_pre" for v in range(int(cells["layer"].min()), n_layers)} if fast else set()
+        last = f"blocks.{n_layers - 1}.hook_resid_post"
         if clean_cache is None:
-            logits, clean_cache = model.run_with_cache(clean_t, n_iterations=T, names_filter=lambda x: x in names)
+            logits, clean_cache = model.run_with_cache(clean_t, n_iterations=T,
+                                                       names_filter=lambda x: x in names or x in every)
             clean_logits = logits[rows, readout]
+        elif model.cfg.n_coda == 0 and last in clean_cache:  # the cached last residual read out: no forward pass
+            clean_logits = model.readout(clean_cache[last][rows, readout][:, None].to(clean_t.device), T)[:, 0]
         else:
             clean_logits = readout_logits(model, clean_t, T)
         # the corrupted run once: its logits, the loop's input, and the resid_pre of every patched layer to
         # resume from
-        fast = _fast_path_applies(model, short, by_position)
-        if fast:  # the corrupted resid_pre of every layer from the first patched one: keys / values to reuse
-            n_layers = model.cfg.n_prelude + T * model.cfg.n_blocks
-            starts = {f"blocks.{v}.hook_resid_pre" for v in range(int(cells["layer"].min()), n_layers)}
-        else:
-            starts = {f"blocks.{v}.hook_resid_pre" for v in {*cells["layer"], model.cfg.n_prelude}}
+        starts = every if fast else {f"blocks.{v}.hook_resid_pre" for v in {*cells["layer"], model.cfg.n_prelude}}
         logits, corrupted_cache = model.run_with_cache(corrupted_t, n_iterations=T, names_filter=lambda x: x in starts)
         corrupted_logits = logits[rows, readout]
         if corrupted_ans is None:
@@ -331,8 +335,11 @@ def activation_patching(
         corrupted_metric = metric_fn(corrupted_logits, clean_ans, corrupted_ans).float()
         clean_acts = {name: clean_cache[name].to(clean_t.device) for name in names}
         if fast:
+            clean_resid = ({int(n.split(".")[1]): clean_cache[n].to(clean_t.device) for n in every}
+                           if all(n in clean_cache for n in every) else None)
             patched = _sweep_suffix(model, cells, clean_acts, corrupted_t, corrupted_cache, corrupted_metric, T,
-                                    metric_fn, clean_ans, corrupted_ans, progress)  # [cells, B]
+                                    metric_fn, clean_ans, corrupted_ans, progress, clean_resid,
+                                    clean_metric)  # [cells, B]
         else:
             patched = _sweep(model, cells, clean_acts, corrupted_t, corrupted_cache, T, suffix, by_position,
                              metric_fn, clean_ans, corrupted_ans, batch_size, progress)  # [cells, B]
@@ -555,11 +562,13 @@ def _suffix_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "b
     W_qkv = torch.stack([a.W_Q, a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(d, -1)
     b_qkv = torch.stack([a.b_Q, a.b_K, a.b_V]).reshape(-1)
     qkv = torch.addmm(b_qkv, x.reshape(batch * n_suf, d), W_qkv).view(batch, n_suf, 3, cfg.n_heads, cfg.d_head)
-    kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1)  # [batch, key_pos (p + n_suf), two, head, d_head]
-    # query i (position p + i) sees keys 0..p + i
-    mask = torch.ones(n_suf, p + n_suf, dtype=torch.bool, device=resid.device).tril(p)
+    kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1) if p else qkv[:, :, 1:]  # [batch, key_pos, two, head, d_head]
+    # query i (position p + i) sees keys 0..p + i: SDPA's causal kernel without a prefix, no mask for one
+    # query (it sees every key), else an explicit mask (the masked kernel is the slowest)
+    mask = torch.ones(n_suf, p + n_suf, dtype=torch.bool, device=resid.device).tril(p) if p and n_suf > 1 else None
     z = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2),
-                                       kv[:, :, 1].transpose(1, 2), attn_mask=mask, scale=1.0 / cfg.attn_scale)
+                                       kv[:, :, 1].transpose(1, 2), attn_mask=mask, is_causal=not p and n_suf > 1,
+                                       scale=1.0 / cfg.attn_scale)
     attn_out = torch.addmm(a.b_O, z.transpose(1, 2).reshape(batch * n_suf, -1), a.W_O.reshape(-1, d))
     resid = resid + attn_out.view(batch, n_suf, d)
     x = F.layer_norm(resid, (d,), params.ln2.w, params.ln2.b, cfg.ln_eps)
@@ -585,6 +594,8 @@ def _readout_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "
     q = torch.addmm(a.b_Q.reshape(-1), x[rows, at], a.W_Q.permute(1, 0, 2).reshape(d, -1))
     q = q.view(batch, cfg.n_heads, 1, cfg.d_head)  # one query per row: [batch, head, 1, d_head]
     mask = (torch.arange(p + n_suf, device=resid.device) <= (p + at)[:, None])[:, None, None]  # causal, per row
+    if bool(mask.all()):  # every row read at the last position (no padding): no mask, the faster kernel
+        mask = None
     z = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
                                        attn_mask=mask, scale=1.0 / cfg.attn_scale)  # [batch, head, 1, d_head]
     out = resid[rows, at] + torch.addmm(a.b_O, z.reshape(batch, -1), a.W_O.reshape(-1, d))
@@ -594,11 +605,17 @@ def _readout_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "
 
 def _sweep_suffix(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dict[str, Tensor], corrupted: Tensor,
                   corrupted_cache: Any, corrupted_metric: Tensor, T: int, metric_fn: Metric, clean_ans: Tensor,
-                  corrupted_ans: Tensor, progress: bool) -> Tensor:
+                  corrupted_ans: Tensor, progress: bool, clean_resid: dict[int, Tensor] | None = None,
+                  clean_metric: Tensor | None = None) -> Tensor:
     """Metric of every patched run, [cells, pairs], computing only what a one-position resid_pre patch can
     change: layers from the patched one on (as :func:`_sweep`), and there only positions >= the patched
     position p. With a causal mask nothing at positions < p changes, so their keys and values are the
     corrupted run's (computed once per layer).
+
+    A patch at position 0 restores that position's whole input, so from the patched layer on position 0
+    *is* the clean run's (it attends to itself only): given ``clean_resid`` (the clean resid_pre of every
+    layer from the first patched one) such rows start at position 1, with the clean run's keys and values
+    at position 0, and a row read at position 0 gets ``clean_metric``.
 
     The cells of one position p share the suffix length and those keys / values, so they run as one batch
     that grows layer by layer: the rows of cell (v, p) join at layer v. A row whose patch changes nothing
@@ -618,15 +635,28 @@ def _sweep_suffix(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dic
         for p in sorted(set(cells["position"].tolist())):
             of_p = cells.index[cells["position"] == p]
             cell_at = dict(zip(cells.loc[of_p, "layer"].tolist(), of_p.tolist()))
-            state = resid[first].new_empty(0, resid[first].shape[1] - p, model.cfg.d_model)
+            reuse = p == 0 and clean_resid is not None and clean_metric is not None
+            s = p + 1 if reuse else p  # the first position computed; keys / values before it are given
+            if reuse:  # position 0 is the clean run's from the patched layer on: its keys / values
+                given = {u: _kv(model, _block_params(model, u), clean_resid[u][:, :1]) for u in range(min(cell_at), n_layers)}
+            else:
+                given = {u: kv[u][:, :p] for u in range(min(cell_at), n_layers)}
+            state = resid[first].new_empty(0, resid[first].shape[1] - s, model.cfg.d_model)
             pair_idx = torch.empty(0, dtype=torch.long, device=device)  # the pair of each row of the batch
             cell_idx = torch.empty(0, dtype=torch.long, device=device)
             for u in range(min(cell_at), n_layers):
                 if u in cell_at:  # cell (u, p) joins: the corrupted resid_pre with position p from the clean run
                     patch = clean_acts[f"blocks.{u}.hook_resid_pre"][:, p]
-                    sel = (((patch != resid[u][:, p]).any(-1)) & (readout >= p)).nonzero()[:, 0]
-                    new = resid[u][sel, p:].clone()
-                    new[:, 0] = patch[sel]
+                    changed = (patch != resid[u][:, p]).any(-1)
+                    if reuse:
+                        at_p = (changed & (readout == p)).nonzero()[:, 0]  # read where patched: the clean readout
+                        out[cell_at[u], at_p] = clean_metric.float().to(device)[at_p]
+                        sel = (changed & (readout > p)).nonzero()[:, 0]
+                        new = resid[u][sel, s:]
+                    else:
+                        sel = (changed & (readout >= p)).nonzero()[:, 0]
+                        new = resid[u][sel, p:].clone()
+                        new[:, 0] = patch[sel]
                     state = torch.cat([state, new])
                     pair_idx = torch.cat([pair_idx, sel])
                     cell_idx = torch.cat([cell_idx, torch.full_like(sel, cell_at[u])])
@@ -635,9 +665,9 @@ def _sweep_suffix(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dic
                     continue
                 params = _block_params(model, u)
                 if u < n_layers - 1:
-                    state = _suffix_block(model, params, state, kv[u][pair_idx, :p])
+                    state = _suffix_block(model, params, state, given[u][pair_idx])
                 else:
-                    state = _readout_block(model, params, state, kv[u][pair_idx, :p], readout[pair_idx] - p)
+                    state = _readout_block(model, params, state, given[u][pair_idx], readout[pair_idx] - s)
             if len(pair_idx):
                 logits = model.readout(state[:, None], T)[:, 0]
                 out[cell_idx, pair_idx] = metric_fn(logits, clean_ans[pair_idx], corrupted_ans[pair_idx]).float()

@@ -120,3 +120,29 @@ def test_foreign_wrappers_other_hooks_and_options_fall_back():
     assert not applies(foreign, "resid_pre", True)
     with model.hooks(fwd_hooks=[("blocks.2.hook_resid_mid", lambda x, hook: x)]):  # a caller's hook must fire
         assert not applies(model, "resid_pre", True)
+
+
+def test_position_0_reuses_the_clean_run_with_a_ready_cache_and_one_token_queries(count_fast, monkeypatch):
+    """A patch at position 0 restores that position's whole input, so from the patched layer on it is the clean
+    run's: the fast path takes its keys / values from the clean run (a row read at position 0 gets the clean
+    metric); with a ready clean cache the clean logits come from its last residual. Both equal one forward
+    per cell; a cache without every layer's resid_pre still works (no reuse)."""
+    model = make_model()
+    clean, corrupted, ca, xa = padded_pairs()
+    clean[:4, 1:] = 0  # one-token queries, corrupted at position 0
+    corrupted[:4] = clean[:4]
+    corrupted[:4, 0] = clean[:4, 0] % (V - 1) + 1
+    args = (clean, corrupted, ca, xa)
+    want = reference(model, *args)
+    kv_widths = []
+    real_kv = patching_module._kv
+    monkeypatch.setattr(patching_module, "_kv", lambda m, p, r: kv_widths.append(r.shape[1]) or real_kv(m, p, r))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    torch.testing.assert_close(sweep(model, args, clean_cache=cache), want, atol=1e-4, rtol=0)
+    assert 1 in kv_widths  # position 0's keys / values were taken from the clean run
+    torch.testing.assert_close(sweep(model, args), want, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        _, partial = model.run_with_cache(clean, names_filter=lambda n: n == "blocks.4.hook_resid_pre")
+    torch.testing.assert_close(sweep(model, args, clean_cache=partial, layers=[4]), want[4:5], atol=1e-4, rtol=0)
+    assert count_fast == [1, 1, 1]
