@@ -199,7 +199,7 @@ class ExitHead(HookedRootModule):
         self.loop = nn.ModuleList()
         self.hook_exit_prob = HookPoint()  # [batch, iteration], p(t)
         self.history: pd.DataFrame | None = None  # set by train_exit_head: one row per training step
-        self._grow(max_iterations)
+        self.grow_to(max_iterations)
 
     @classmethod
     def for_model(cls, model: Any, max_iterations: int | None = None) -> ExitHead:
@@ -208,7 +208,8 @@ class ExitHead(HookedRootModule):
         T = model.cfg.n_iterations if max_iterations is None else max_iterations
         return cls(model.cfg.d_model, T).to(model.W_E.device)
 
-    def _grow(self, n_iterations: int) -> None:
+    def grow_to(self, n_iterations: int) -> None:
+        """Give the head hook points for iterations 0..n_iterations-1 (a longer run than it was built for)."""
         if len(self.loop) >= n_iterations:
             return
         while len(self.loop) < n_iterations:
@@ -221,7 +222,7 @@ class ExitHead(HookedRootModule):
         if readout_state.ndim != 2 or readout_state.shape[-1] != self.d_model:
             raise ValueError(f"readout_state must have shape [batch, d_model={self.d_model}], "
                              f"got {tuple(readout_state.shape)}")
-        self._grow(iteration + 1)
+        self.grow_to(iteration + 1)
         x = readout_state.to(self.gate.weight.dtype)
         normed = F.layer_norm(x, (self.d_model,))
         return self.loop[iteration].hook_exit_lambda(torch.sigmoid(self.gate(normed)[:, 0]))
@@ -231,7 +232,7 @@ class ExitHead(HookedRootModule):
         if readout_states.ndim != 3 or readout_states.shape[-1] != self.d_model:
             raise ValueError(f"readout_states must have shape [batch, iteration, d_model={self.d_model}], "
                              f"got {tuple(readout_states.shape)}")
-        self._grow(readout_states.shape[1])
+        self.grow_to(readout_states.shape[1])
         x = readout_states.to(self.gate.weight.dtype)
         lam = torch.sigmoid(self.gate(F.layer_norm(x, (self.d_model,)))[..., 0])
         return torch.stack([self.loop[t].hook_exit_lambda(lam[:, t]) for t in range(lam.shape[1])], -1)
@@ -272,7 +273,7 @@ class ExitHead(HookedRootModule):
         T = self.max_iterations if n_iterations is None else n_iterations
         _check_T(T, "n_iterations")
         self._check_model(model)
-        self._grow(T)
+        self.grow_to(T)
         if hasattr(model, "prepare"):  # the model's hook points of a run of T iterations must exist to cache them
             model.prepare(T)
         model_cache, model_fwd, _ = model.get_caching_hooks(names_filter, **kwargs)
@@ -423,7 +424,7 @@ def train_exit_head(
     if int(answers.min()) < 0 or int(answers.max()) >= model.cfg.d_vocab:
         raise ValueError(f"answers must be token ids in [0, d_vocab={model.cfg.d_vocab})")
     head.max_iterations = T
-    head._grow(T)
+    head.grow_to(T)
 
     params = list(head.parameters()) + (list(model.parameters()) if joint else [])
     optim = torch.optim.Adam(params, lr=lr)
