@@ -98,10 +98,10 @@ QUOTES: list[tuple[str, str, str, str, Callable[[Any], str]]] = [
     ("docs/research/README.md", "trains at **{} steps/s**", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
     ("README.md", "`paper-composition` at {} steps/s", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
     # patching sweep (benchmarks/patching_sweep.py)
-    # (docs/interp.md quotes the exact path's numbers, measured before issue 16.5's fast path: "before")
-    ("docs/interp.md", "on one CPU thread: about {} s", PATCHING, "before.seconds_best_of_5.interp_batch_size_4096", f1),
-    ("docs/interp.md", "against {}-", PATCHING, "before.seconds_best_of_5.transformer_lens_one_forward_per_cell", f1),
-    ("docs/interp.md", "-{} s for `transformer_lens.patching`", PATCHING, "before.seconds_best_of_5.transformer_lens_end_to_end", f1),
+    ("docs/interp.md", "one CPU thread: median {} s including", PATCHING, "seconds_median.interp_fast", f2),
+    ("docs/interp.md", "against {} s for `transformer_lens.patching`", PATCHING, "seconds_median.transformer_lens_one_forward_per_cell", f2),
+    ("docs/interp.md", "given a ready clean cache), i.e. {}x", PATCHING, "speedup_median_fast_vs_one_forward_per_cell", f2),
+    ("docs/interp.md", "the same ready clean cache, {}x", PATCHING, "speedup_median_fast_with_clean_cache_vs_one_forward_per_cell", f2),
     ("benchmarks/README.md", "fast path took {} s", "benchmarks/results/patching_sweep_16_5.json", "seconds_median.interp_fast", f2),
     ("benchmarks/README.md", "one hooked forward per cell {} s", "benchmarks/results/patching_sweep_16_5.json", "seconds_median.transformer_lens_one_forward_per_cell", f2),
     ("benchmarks/README.md", "exact path {} s", "benchmarks/results/patching_sweep_16_5.json", "seconds_median.interp_exact_path", f2),
