@@ -29,6 +29,7 @@ PATCHING = "benchmarks/results/patching_sweep.json"
 SMOKE = "benchmarks/results/reproduce_smoke.json"
 TINY = "benchmarks/results/reproduce_tiny.json"
 APP = "benchmarks/results/app_first_paint.json"
+PAPER_MODEL = "docs/research/paper-model/runs.csv"  # issue 15: one row per composition run (curve.py --csv)
 GRID = "docs/research/cpu-final/runs.csv"  # the 3-seed tiny-composition grid; its seed-0 runs ship
 
 
@@ -97,6 +98,13 @@ QUOTES: list[tuple[str, str, str, str, Callable[[Any], str]]] = [
     ("analyses/reproduce.py", "~{} days one after another", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", lambda v: f"{4.25 * 1_500_000 / v / 86400:.1f}"),
     ("docs/research/README.md", "trains at **{} steps/s**", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
     ("README.md", "`paper-composition` at {} steps/s", THROUGHPUT_H100, "results[preset=paper-composition].steps_per_s", f1),
+    # issue 15: the paper's model, three seeds and their vanilla twins (README's research table)
+    ("README.md", "| the paper's | {} / 0.76", PAPER_MODEL, "[run=repro-tiny-comp-looped].final_test_inferred_ood", f2),
+    ("README.md", "| the paper's | 1.00 / {} /", PAPER_MODEL, "[run=d1-beta98-s1].final_test_inferred_ood", f2),
+    ("README.md", "1.00 / 0.76 / {} (0.99", PAPER_MODEL, "[run=d1-beta98-s2].final_test_inferred_ood", f2),
+    ("README.md", "| {} / 0.06 / 0.02 at the end", PAPER_MODEL, "[run=repro-tiny-comp-vanilla].final_test_inferred_ood", f2),
+    ("README.md", "| 0.06 / {} / 0.02 at the end", PAPER_MODEL, "[run=d2-vanilla-s1].final_test_inferred_ood", f2),
+    ("README.md", "| 0.06 / 0.06 / {} at the end", PAPER_MODEL, "[run=d2-vanilla-s2].final_test_inferred_ood", f2),
     # patching sweep (benchmarks/patching_sweep.py)
     ("docs/interp.md", "one CPU thread: median {} s including", PATCHING, "seconds_median.interp_fast", f2),
     ("docs/interp.md", "against {} s for `transformer_lens.patching`", PATCHING, "seconds_median.transformer_lens_one_forward_per_cell", f2),
