@@ -74,6 +74,11 @@ def process_group(dist: Dist, device_type: str) -> Iterator[None]:
         created = True
     try:
         yield
+        if created:
+            # every rank reaches the teardown together: rank 0 still evaluates and writes after the last step,
+            # and a rank that tore gloo down while its peer was mid-way aborted now and then ("terminate called
+            # without an active exception", SIGABRT)
+            torch_dist.barrier()
     finally:
         if created:
             torch_dist.destroy_process_group()
