@@ -37,6 +37,7 @@ from looplens.interp._common import (
 )
 from looplens.models import LoopedTransformer
 from looplens.models.components import _ACTIVATIONS as _ACT
+from looplens.models.components import reuse_weights
 from torch import Tensor
 
 PATCH_COLUMNS = {
@@ -305,7 +306,7 @@ def activation_patching(
     if clean_cache is not None:
         check_cache(clean_cache, names, B)
 
-    with analysis_mode(model):
+    with analysis_mode(model), reuse_weights():  # every cell runs the same weights: their fused form once
         readout = model.readout_positions(clean_t)
         if not torch.equal(readout, model.readout_positions(corrupted_t)):
             raise ValueError("clean and corrupted queries must have the same lengths (readout positions) pair by pair")
@@ -546,9 +547,9 @@ def _kv(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch pos d
     """Keys and values of one block (its ln1 and W_K / W_V) at every position of ``resid``."""
     cfg, a = model.cfg, params.attn
     x = F.layer_norm(resid, resid.shape[-1:], params.ln1.w, params.ln1.b, cfg.ln_eps)
-    W_kv = torch.stack([a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(cfg.d_model, -1)
-    b_kv = torch.stack([a.b_K, a.b_V]).reshape(-1)
-    return (x @ W_kv + b_kv).view(*resid.shape[:2], 2, cfg.n_heads, cfg.d_head)
+    W_qkv, b_qkv = a.fused_qkv()
+    n_q = cfg.n_heads * cfg.d_head  # the k and v columns follow q's
+    return (x @ W_qkv[:, n_q:] + b_qkv[n_q:]).view(*resid.shape[:2], 2, cfg.n_heads, cfg.d_head)
 
 
 def _suffix_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch suffix d_model"],
@@ -559,8 +560,7 @@ def _suffix_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "b
     batch, n_suf, d = resid.shape
     p = kv_prefix.shape[1]
     x = F.layer_norm(resid, (d,), params.ln1.w, params.ln1.b, cfg.ln_eps)
-    W_qkv = torch.stack([a.W_Q, a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(d, -1)
-    b_qkv = torch.stack([a.b_Q, a.b_K, a.b_V]).reshape(-1)
+    W_qkv, b_qkv = a.fused_qkv()
     qkv = torch.addmm(b_qkv, x.reshape(batch * n_suf, d), W_qkv).view(batch, n_suf, 3, cfg.n_heads, cfg.d_head)
     kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1) if p else qkv[:, :, 1:]  # [batch, key_pos, two, head, d_head]
     # query i (position p + i) sees keys 0..p + i: SDPA's causal kernel without a prefix, no mask for one
@@ -587,11 +587,11 @@ def _readout_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "
     p = kv_prefix.shape[1]
     rows = torch.arange(batch, device=resid.device)
     x = F.layer_norm(resid, (d,), params.ln1.w, params.ln1.b, cfg.ln_eps)
-    W_kv = torch.stack([a.W_K, a.W_V]).permute(2, 0, 1, 3).reshape(d, -1)
-    b_kv = torch.stack([a.b_K, a.b_V]).reshape(-1)
-    kv_new = torch.addmm(b_kv, x.reshape(batch * n_suf, d), W_kv).view(batch, n_suf, 2, cfg.n_heads, cfg.d_head)
-    kv = torch.cat([kv_prefix, kv_new], dim=1)  # [batch, key_pos, two, head, d_head]
-    q = torch.addmm(a.b_Q.reshape(-1), x[rows, at], a.W_Q.permute(1, 0, 2).reshape(d, -1))
+    W_qkv, b_qkv = a.fused_qkv()
+    n_q = cfg.n_heads * cfg.d_head  # the fused columns: q, then k and v
+    kv_new = torch.addmm(b_qkv[n_q:], x.reshape(batch * n_suf, d), W_qkv[:, n_q:])
+    kv = torch.cat([kv_prefix, kv_new.view(batch, n_suf, 2, cfg.n_heads, cfg.d_head)], dim=1)  # [batch, key_pos, two, head, d_head]
+    q = torch.addmm(b_qkv[:n_q], x[rows, at], W_qkv[:, :n_q])
     q = q.view(batch, cfg.n_heads, 1, cfg.d_head)  # one query per row: [batch, head, 1, d_head]
     mask = (torch.arange(p + n_suf, device=resid.device) <= (p + at)[:, None])[:, None, None]  # causal, per row
     if bool(mask.all()):  # every row read at the last position (no padding): no mask, the faster kernel

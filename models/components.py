@@ -14,6 +14,10 @@ iteration, but TransformerLens keeps only one cached value per hook name, so eve
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import einops
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,32 @@ class LayerNormParams(nn.Module):
         self.b = nn.Parameter(torch.zeros(cfg.d_model))
 
 
+# The scope of :func:`reuse_weights`: AttentionParams id -> (the weights it was built from, the fused pair)
+_REUSE: ContextVar[dict | None] = ContextVar("looplens_reuse_weights", default=None)
+
+
+@contextlib.contextmanager
+def reuse_weights() -> Iterator[None]:
+    """Inside this block each attention builds its fused qkv weight once and every layer reuses it.
+
+    A looped model runs the same weights at every iteration (and an analysis runs many passes over fixed
+    weights), but each layer's one-GEMM q/k/v projection needs W_Q, W_K, W_V laid side by side: a copy of
+    3 x d_model^2 numbers, 10% of a forward at the paper's width when made per layer
+    (benchmarks/README.md, 16.1). ``forward``, the evaluation and the patching sweeps open this scope
+    around a whole pass; the fused pair is rebuilt when a weight changes in place (its version counter
+    moves), is replaced, or grad mode differs, so a scope is never stale through ordinary tensor ops.
+    Scopes nest (an inner one starts empty) and end with the ``with`` block.
+    """
+    if torch.compiler.is_compiling():  # the compiler shares the fused weight itself (and traces no ContextVar)
+        yield
+        return
+    token = _REUSE.set({})
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
+
 class AttentionParams(nn.Module):
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -52,6 +82,24 @@ class AttentionParams(nn.Module):
         self.b_K = nn.Parameter(torch.zeros(h, dh))
         self.b_V = nn.Parameter(torch.zeros(h, dh))
         self.b_O = nn.Parameter(torch.zeros(d))
+
+    def fused_qkv(self) -> tuple[Float[Tensor, "d_model qkv"], Float[Tensor, " qkv"]]:
+        """W_Q, W_K, W_V side by side, "three head d_model d_head -> d_model (three head d_head)", and their
+        biases "(three head d_head)": q, k and v in one GEMM. Built once per :func:`reuse_weights` scope."""
+        weights = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        memo = None if torch.compiler.is_compiling() else _REUSE.get()  # compiled: the compiler shares it
+        if memo is not None:
+            key = (torch.is_grad_enabled(), tuple(w._version for w in weights))
+            hit = memo.get(id(self))
+            if hit is not None and hit[1] == key and all(a is b for a, b in zip(hit[0], weights)):
+                return hit[2]
+        W_Q, W_K, W_V, b_Q, b_K, b_V = weights
+        # plain permute/reshape, not einops: without a scope this runs per layer
+        fused = (torch.stack([W_Q, W_K, W_V]).permute(2, 0, 1, 3).reshape(W_Q.shape[1], -1),
+                 torch.stack([b_Q, b_K, b_V]).reshape(-1))
+        if memo is not None:
+            memo[id(self)] = (weights, key, fused)  # holding the weights: their ids cannot be reused meanwhile
+        return fused
 
 
 class MLPParams(nn.Module):
@@ -114,6 +162,19 @@ def _has_hooks(hook_point: HookPoint) -> bool:
     return bool(hook_point._forward_hooks or hook_point._backward_hooks)
 
 
+# torch's global module hooks (register_module_forward_hook, ...): mutated in place, so read here once
+_GLOBAL_MODULE_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _hook_free(modules: tuple[nn.Module, ...]) -> bool:
+    """No forward, pre-forward or backward hook on any of ``modules``, and no global module hook."""
+    if any(_GLOBAL_MODULE_HOOKS):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
+
+
 class LayerNorm(_UsesParams):
     """TransformerLens's LayerNorm ("LN"): centre, divide by the RMS (hook_scale), affine.
 
@@ -161,10 +222,7 @@ class Attention(_UsesParams):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         p, cfg = self.params, self.cfg
         batch, n_pos, _ = x.shape
-        # q, k, v in one GEMM: the per-head weights [head, d_model, d_head] laid side by side, i.e.
-        # "three head d_model d_head -> d_model (three head d_head)" (plain permute/reshape: this runs per layer)
-        W_qkv = torch.stack([p.W_Q, p.W_K, p.W_V]).permute(2, 0, 1, 3).reshape(x.shape[-1], -1)
-        b_qkv = torch.stack([p.b_Q, p.b_K, p.b_V]).reshape(-1)  # "three head d_head -> (three head d_head)"
+        W_qkv, b_qkv = p.fused_qkv()  # q, k, v in one GEMM (the per-head weights side by side)
         qkv = torch.addmm(b_qkv, x.reshape(batch * n_pos, -1), W_qkv).view(batch, n_pos, 3, cfg.n_heads, cfg.d_head)
         q = self.hook_q(qkv[:, :, 0])  # [batch, pos, head_index, d_head]
         k = self.hook_k(qkv[:, :, 1])
@@ -219,6 +277,7 @@ class TransformerBlock(_UsesParams):
 
     def __init__(self, cfg: LoopedConfig, params: BlockParams, own: bool = False):
         super().__init__(params, own)
+        self.cfg = cfg
         self.ln1 = LayerNorm(cfg, params.ln1)
         self.attn = Attention(cfg, params.attn)
         self.ln2 = LayerNorm(cfg, params.ln2)
@@ -230,12 +289,56 @@ class TransformerBlock(_UsesParams):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
+    def _fast(self) -> bool:
+        """Whether :func:`block_forward` may stand in for the module calls: no hook on any submodule (nor a
+        global one) and the submodules built here still in place (a user's replacement runs as a module)."""
+        children = tuple(self._modules.values())
+        seen = self.__dict__.get("_fast_children")
+        if seen is None or seen[0] != children:  # first call, or a submodule was swapped or added
+            built = self.__dict__.get("_built_children")
+            if built is None:
+                built = self.__dict__["_built_children"] = children
+            descendants = tuple(m for m in self.modules() if m is not self)
+            seen = self.__dict__["_fast_children"] = (children, descendants, children == built)
+        return seen[2] and _hook_free(seen[1])
+
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if self._fast():  # no hook would see the intermediate tensors: one function, no module calls
+            return block_forward(self.params, self.cfg, resid, self.training)
         resid = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.dropout(self.attn(self.ln1(resid))))
         resid = self.hook_resid_mid(resid + attn_out)
         mlp_out = self.hook_mlp_out(self.dropout(self.mlp(self.ln2(resid))))
         return self.hook_resid_post(resid + mlp_out)
+
+
+def block_forward(params: BlockParams, cfg: LoopedConfig, resid: Float[Tensor, "batch pos d_model"],
+                  training: bool = False) -> Float[Tensor, "batch pos d_model"]:
+    """:class:`TransformerBlock`'s map with no hook attached, as one function of the block's weights.
+
+    The same operations as the module path's fast kernels (fused LayerNorm, one qkv GEMM, causal SDPA;
+    dropout in the same order), without ~20 module calls per layer: on a small model Python overhead is a
+    few percent of a forward (benchmarks/README.md, 16.1). tests/test_fast_path.py checks it against the
+    module path.
+    """
+    batch, n_pos, d_model = resid.shape
+    rows = batch * n_pos
+    a, m = params.attn, params.mlp
+    x = F.layer_norm(resid, (d_model,), params.ln1.w, params.ln1.b, cfg.ln_eps)
+    W_qkv, b_qkv = a.fused_qkv()
+    qkv = torch.addmm(b_qkv, x.reshape(rows, d_model), W_qkv).view(batch, n_pos, 3, cfg.n_heads, cfg.d_head)
+    z = F.scaled_dot_product_attention(
+        qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2),
+        is_causal=True, dropout_p=cfg.dropout if training else 0.0, scale=1.0 / cfg.attn_scale,
+    )  # [batch, head, pos, d_head]
+    attn_out = torch.addmm(a.b_O, z.transpose(1, 2).reshape(rows, -1), a.W_O.reshape(-1, d_model))
+    dropout = cfg.dropout if training else 0.0
+    attn_out = attn_out.view(batch, n_pos, d_model)
+    resid = resid + (F.dropout(attn_out, dropout) if dropout else attn_out)
+    x = F.layer_norm(resid, (d_model,), params.ln2.w, params.ln2.b, cfg.ln_eps)
+    post = _ACTIVATIONS[cfg.act_fn](torch.addmm(m.b_in, x.reshape(rows, d_model), m.W_in))
+    mlp_out = torch.addmm(m.b_out, post, m.W_out).view(batch, n_pos, d_model)
+    return resid + (F.dropout(mlp_out, dropout) if dropout else mlp_out)
 
 
 def init_block_params(params: BlockParams, cfg: LoopedConfig, generator: torch.Generator | None) -> None:

@@ -38,6 +38,7 @@ from looplens.models.components import (
     TransformerBlock,
     Unembed,
     init_block_params,
+    reuse_weights,
 )
 from looplens.models.config import LoopedConfig
 from looplens.models.hooked import HookedLoopedModel, LoopedActivationCache, ModelAtIterations, host_checks
@@ -545,11 +546,13 @@ class LoopedTransformer(HookedLoopedModel):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if return_type in ("loss", "both") and targets is None:
             raise ValueError("return_type='loss' needs `targets` (answer token ids, one per query)")
-        # embed, then for t in range(T): iterate (the loop driver); only the last step is kept
-        (step,) = collections.deque(self.steps(tokens, n_iterations, backprop_last=backprop_last), maxlen=1)
-        if return_type is None:
-            return None
-        logits = step.readout()
+        # embed, then for t in range(T): iterate (the loop driver); only the last step is kept. Every
+        # iteration runs the same weights: their fused form is built once (reuse_weights)
+        with reuse_weights():
+            (step,) = collections.deque(self.steps(tokens, n_iterations, backprop_last=backprop_last), maxlen=1)
+            if return_type is None:
+                return None
+            logits = step.readout()
         if return_type == "logits":
             return logits
         loss = self.answer_loss(logits, step.positions, targets, label_smoothing)
@@ -567,8 +570,9 @@ class LoopedTransformer(HookedLoopedModel):
         Differentiable (the trainer's ``recurrence.supervise = "from_hops"`` loss uses it); for analysis,
         wrap it in ``torch.no_grad()``. ``out[-1]`` equals ``predict(tokens, n_iterations)``.
         """
-        steps = self.steps(tokens, n_iterations, backprop_last=backprop_last)
-        return torch.stack([step.answer_logits() for step in steps])
+        with reuse_weights():
+            steps = self.steps(tokens, n_iterations, backprop_last=backprop_last)
+            return torch.stack([step.answer_logits() for step in steps])
 
     def answer_loss(self, logits: Float[Tensor, "batch pos d_vocab"], positions: Int[Tensor, " batch"],
                     targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -598,24 +602,25 @@ class LoopedTransformer(HookedLoopedModel):
         T = self._check_iterations(max_iterations)
         active = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         iterations = torch.full((tokens.shape[0],), T, dtype=torch.long, device=tokens.device)
-        final_logits = prev_logprobs = prev_readout_state = None
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        for step in self.steps(tokens, T):
-            logits = step.readout()[rows, step.positions].float()
-            logprobs = logits.log_softmax(-1)
-            readout_state = step.state[rows, step.positions]
-            final_logits = logits if final_logits is None else torch.where(active[:, None], logits, final_logits)
-            if prev_logprobs is not None:
-                t = step.iteration
-                stop = rule(
-                    iteration=t + 1, logprobs=logprobs, prev_logprobs=prev_logprobs,
-                    state=readout_state, prev_state=prev_readout_state,
-                ) & active
-                iterations = torch.where(stop, torch.full_like(iterations, t + 1), iterations)
-                active = active & ~stop
-            if not bool(active.any()):
-                break
-            prev_logprobs, prev_readout_state = logprobs, readout_state
+        final_logits = prev_logprobs = prev_readout_state = None
+        with reuse_weights():
+            for step in self.steps(tokens, T):
+                logits = step.readout()[rows, step.positions].float()
+                logprobs = logits.log_softmax(-1)
+                readout_state = step.state[rows, step.positions]
+                final_logits = logits if final_logits is None else torch.where(active[:, None], logits, final_logits)
+                if prev_logprobs is not None:
+                    t = step.iteration
+                    stop = rule(
+                        iteration=t + 1, logprobs=logprobs, prev_logprobs=prev_logprobs,
+                        state=readout_state, prev_state=prev_readout_state,
+                    ) & active
+                    iterations = torch.where(stop, torch.full_like(iterations, t + 1), iterations)
+                    active = active & ~stop
+                if not bool(active.any()):
+                    break
+                prev_logprobs, prev_readout_state = logprobs, readout_state
         return AdaptiveOutput(logits=final_logits, iterations=iterations, halted=~active)
 
     # ------------------------------------------------------------------------------------------------

@@ -109,6 +109,92 @@ def test_with_no_hooks_the_fused_kernels_run():
         assert ln.call_count == 2 * layers and sdpa.call_count == layers - 1  # only the hooked ones unfused
 
 
+def test_block_function_equals_the_module_path_with_dropout_and_gradients():
+    """With no hook a block runs as block_forward (one function); a no-op hook on each block's resid_pre sends
+    it through the modules with the same fused kernels: the same numbers, random dropout masks and gradients."""
+    model = _model(dropout=0.2).train()
+    tokens, targets = _tokens(), torch.arange(16) % CFG["d_vocab"]
+
+    def run(hooks):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with model.hooks(fwd_hooks=hooks):
+            loss = model(tokens, return_type="loss", targets=targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_loss, fast_grads = run([])
+    module_loss, module_grads = run([(lambda name: name.endswith("hook_resid_pre"), lambda x, hook: x)])
+    torch.testing.assert_close(fast_loss, module_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in fast_grads.items():
+        torch.testing.assert_close(grad, module_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch.manual_seed(4)
+    other = model(tokens, return_type="loss", targets=targets)
+    assert not torch.isclose(other, fast_loss)  # dropout is live: another mask, another loss
+
+
+def test_module_hooks_and_replaced_submodules_are_honoured_by_the_block_function():
+    """The one-function block only stands in when nothing could observe or change its modules: a plain
+    torch hook on a compute module, a global module hook and a submodule a user swapped in all run."""
+    from torch import nn
+
+    model = _model()
+    tokens = _tokens()
+    base = model(tokens)
+    seen = []
+    handle = model.blocks[1].attn.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model(tokens)
+    handle.remove()
+    assert seen == [torch.Size([16, 3, CFG["d_model"]])]
+
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    try:
+        model(tokens)
+    finally:
+        handle.remove()
+    assert seen.count(type(model.blocks[0].mlp)) == model.cfg.n_layers
+
+    class Silent(nn.Module):  # an ablation: the block's MLP writes nothing
+        calls = 0
+
+        def forward(self, x):
+            Silent.calls += 1
+            return torch.zeros_like(x)
+
+    original = model.blocks[0].mlp
+    model.blocks[0].mlp = Silent()
+    ablated = model(tokens)
+    assert Silent.calls == 1 and not torch.allclose(ablated, base)
+    model.blocks[0].mlp = original
+    torch.testing.assert_close(model(tokens), base)  # back in place: the function path again, same numbers
+
+
+def test_a_forward_fuses_each_blocks_qkv_weights_once_and_a_scope_never_goes_stale():
+    from unittest import mock
+
+    from looplens.models.components import reuse_weights
+
+    model = _model()
+    tokens = _tokens()
+    params = model.core[0].attn
+    with mock.patch.object(torch, "stack", wraps=torch.stack) as stack:
+        model(tokens)
+    assert stack.call_count == 2 * CFG["n_blocks"]  # weights + biases per physical block, not per layer (x3)
+    with reuse_weights():
+        with torch.no_grad():
+            frozen = params.fused_qkv()
+        assert params.fused_qkv()[0].requires_grad and not frozen[0].requires_grad  # grad mode: rebuilt
+        W, b = params.fused_qkv()
+        assert params.fused_qkv()[0] is W  # reused
+        with torch.no_grad():
+            params.W_K.add_(1.0)  # an in-place edit (its version moves): rebuilt, with the edit
+        W_edited, _ = params.fused_qkv()
+        torch.testing.assert_close(W_edited - W.detach(), torch.cat([torch.zeros(CFG["d_model"], CFG["d_model"]),
+                                                                     torch.ones(CFG["d_model"], CFG["d_model"]),
+                                                                     torch.zeros(CFG["d_model"], CFG["d_model"])], 1))
+    assert params.fused_qkv()[0] is not params.fused_qkv()[0]  # outside a scope: built per call
+
+
 # --- torch.compile and host reads (issue 16.2, 16.3) ----------------------------------------------------
 HOST_READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy")
 

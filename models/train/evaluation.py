@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from looplens.models.components import reuse_weights
 from looplens.models.halting import HaltingRule
 from torch import Tensor
 
@@ -111,9 +112,10 @@ def readout_per_iteration(model, tokens: Int[Tensor, "batch pos"], iterations: l
     if model.cfg.n_coda:  # the coda's virtual layers move with the iteration count: one run per count
         return {t: model.predict(tokens, n_iterations=t).float() for t in wanted}
     out = {}
-    for step in model.steps(tokens, wanted[-1]):  # the model's loop driver: one pass up to the largest
-        if step.iteration + 1 in wanted:
-            out[step.iteration + 1] = step.answer_logits().float()
+    with reuse_weights():  # every iteration runs the same weights: fused once
+        for step in model.steps(tokens, wanted[-1]):  # the model's loop driver: one pass up to the largest
+            if step.iteration + 1 in wanted:
+                out[step.iteration + 1] = step.answer_logits().float()
     return out
 
 
