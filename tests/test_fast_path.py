@@ -337,3 +337,19 @@ def test_run_compile_trains_the_same_numbers_as_eager():
     done = subprocess.run([sys.executable, "-c", COMPILE_TRAIN_CHECK], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
+
+
+def test_batch_indices_reach_the_device_unchanged_and_the_compile_mode_is_checked():
+    """Issue 16.3: row indices and hop counts go to the device through sampling.to_device (pinned and
+    non-blocking on a GPU); run.compile_mode is torch.compile's mode, validated with the config."""
+    import numpy as np
+    from looplens.models.train import preset
+    from looplens.models.train.sampling import to_device
+
+    rows = np.array([[3, 1], [0, 2]])[:, ::-1]  # a non-contiguous view, as slices of draws can be
+    index = to_device(rows, torch.device("cpu"))
+    assert index.dtype == torch.int64 and index.tolist() == [[1, 3], [2, 0]]
+    cfg = preset("smoke-composition").with_overrides(["run.compile_mode=reduce-overhead"])
+    assert cfg.run.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="run.compile_mode"):
+        preset("smoke-composition").with_overrides(["run.compile_mode=fastest"])

@@ -218,6 +218,8 @@ class RunConfig:
     ``compile``: ``torch.compile`` the training step's forward (issue 16.2). Off by default: on a CPU the
     tiny-composition step ran ~13% faster after a compile of a few minutes (benchmarks/README.md), which
     pays only in long runs; calls with hooks attached, evaluation and seed ensembles stay eager.
+    ``compile_mode``: torch.compile's ``mode`` for it; "reduce-overhead" captures the step in CUDA graphs on
+    a GPU (one graph per batch shape: with fixed recurrence and equal query lengths, one in all).
     """
 
     seed: int = setting(0, ge=0)
@@ -233,6 +235,8 @@ class RunConfig:
     threads: int = setting(1, ge=0)
     data_root: str = ""
     compile: bool = False
+    compile_mode: str = setting("default", choices=("default", "reduce-overhead", "max-autotune",
+                                                     "max-autotune-no-cudagraphs"))
 
     def __post_init__(self) -> None:
         check(self, "run.")
@@ -252,7 +256,7 @@ SECTIONS: dict[str, type] = {
 
 # Keys a resumed run may change: they do not alter what is computed, only when it stops and where.
 RESUMABLE_KEYS = frozenset({"run.max_steps", "run.time_budget_minutes", "run.device", "run.threads",
-                            "run.data_root", "run.compile"})
+                            "run.data_root", "run.compile", "run.compile_mode"})
 
 
 @dataclass

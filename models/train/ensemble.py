@@ -28,9 +28,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from looplens.models.train.config import TrainConfig
 from looplens.models.train.optim import answer_loss, parameter_group
+from looplens.models.train.sampling import to_device
 from looplens.models.train.trainer import FINAL_STOPS, RunResult, Trainer, _check_out_dir, resolve_device
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -177,14 +179,15 @@ class SeedEnsemble:
         if any(d[1] != n_iter for d in draws) or any(d[2] != lr for d in draws):
             raise RuntimeError("seed ensemble: the seeds' iteration counts or learning rates diverged")
         width = max(int(tr.train_lengths[d[0]].max()) for tr, d in zip(self.trainers, draws))
-        index = torch.stack([torch.from_numpy(d[0]) for d in draws]).to(self.device)  # [seed, batch]
+        rows = np.stack([d[0] for d in draws])  # [seed, batch]
+        index = to_device(rows, self.device)
         first = self.trainers[0]
         tokens = first.train_tokens[index, :width]  # every trainer holds the same dataset
         targets = first.train_answers[index]
         positions = first.model.readout_positions(tokens.flatten(0, 1)).view(index.shape)
         weight = None
         if cfg.recurrence.supervise == "from_hops":
-            hops = torch.from_numpy(first.train_hops[index.cpu().numpy()]).to(self.device).clamp(max=n_iter)
+            hops = to_device(first.train_hops[rows], self.device).clamp(max=n_iter)
             weight = (torch.arange(1, n_iter + 1, device=self.device)[None, :, None] >= hops[:, None, :]).float()
             weight = weight / weight.sum(1, keepdim=True)  # [seed, T, batch]
         for group in self.optimizer.param_groups:

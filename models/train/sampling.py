@@ -18,6 +18,16 @@ import torch
 from looplens.models.train.config import RecurrenceConfig
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array (a batch's row indices, hop counts) as a tensor on ``device``. On a GPU the copy goes from
+    pinned memory without blocking: a copy from pageable memory would make the host wait for the device at
+    every step (issue 16.3)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def generator(seed: int, tag: str) -> np.random.Generator:
     """An independent PCG64 stream for (seed, tag), stable across machines and Python versions."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(tag.encode())])))

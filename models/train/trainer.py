@@ -49,7 +49,7 @@ from looplens.models.train.run import (
     load_run,
     write_json,
 )
-from looplens.models.train.sampling import BatchSampler, IterationSampler
+from looplens.models.train.sampling import BatchSampler, IterationSampler, to_device
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -198,7 +198,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step_module = distributed.training_module(self.dist, self.model, self.device)
         if cfg.run.compile:  # compiled lazily, at the first step; the model itself (evaluation, hooks) stays eager
-            self.step_module.compile()
+            self.step_module.compile(mode=cfg.run.compile_mode)
         self.optimizer = self._new_optimizer()
         self.grokfast = Grokfast(cfg.optim.grokfast_alpha, cfg.optim.grokfast_lambda) if cfg.optim.grokfast_lambda > 0 else None
         self.batches = self._new_batch_sampler()
@@ -243,7 +243,7 @@ class Trainer:
         width = int(self.train_lengths[rows].max())
         n_global = len(rows)
         rows = distributed.shard(self.dist, rows)  # this rank's share (all of it in one process)
-        index = torch.from_numpy(rows).to(self.device)
+        index = to_device(rows, self.device)
         tokens = self.train_tokens[index, :width]
         targets = self.train_answers[index]
         lr = self._lr()
@@ -282,7 +282,7 @@ class Trainer:
         the last iteration's answer logits (for the running train accuracy)."""
         cfg = self.cfg
         per_iter = self.step_module(tokens, n_iter, backprop, True).float()
-        hops = torch.from_numpy(self.train_hops[rows]).to(self.device).clamp(max=n_iter)
+        hops = to_device(self.train_hops[rows], self.device).clamp(max=n_iter)
         weight = (torch.arange(1, n_iter + 1, device=self.device)[:, None] >= hops[None, :]).float()  # [T, batch]
         weight = weight / weight.sum(0, keepdim=True)  # every query weighs the same in the mean
         flat_targets = targets.repeat(n_iter)
