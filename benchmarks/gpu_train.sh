@@ -12,6 +12,10 @@ run() { echo "== $*"; "$@" || echo "FAILED ($?): $*"; }
 # steps/s, tokens/s and MFU of the tiny and paper presets (bf16 autocast, fused AdamW: the trainer's CUDA defaults)
 run timeout 900 "$PY" benchmarks/train_throughput.py --presets tiny-composition paper-composition \
     --devices cuda --steps 100 --warmup 10 --out benchmarks/results/train_throughput_gpu.json
+# the same with the step compiled, CUDA graphs (run.compile_mode=reduce-overhead); warm-up covers the compile
+run timeout 1200 "$PY" benchmarks/train_throughput.py --presets tiny-composition paper-composition \
+    --devices cuda --steps 100 --warmup 30 --set run.compile=true run.compile_mode=reduce-overhead \
+    --out benchmarks/results/train_throughput_gpu_compiled.json
 # 8 seeds as one vmapped model vs one seed (issue 16.4's GPU half)
 run timeout 900 "$PY" benchmarks/ensemble_train.py --device cuda --threads 4 --repeats 5 \
     --out benchmarks/results/ensemble_train_gpu.json

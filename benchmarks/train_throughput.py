@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from looplens.data.files import atomic_write_text  # noqa: E402
 from looplens.models.train import preset  # noqa: E402
 from looplens.models.train.trainer import Trainer  # noqa: E402
 
@@ -55,8 +56,8 @@ def cpu_matmul_peak(seconds: float = 1.0) -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0)
 
 
-def measure(name: str, device: str, steps: int, warmup: int) -> dict:
-    cfg = preset(name).with_overrides([f"run.device={device}", "run.threads=1"])
+def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str] = ()) -> dict:
+    cfg = preset(name).with_overrides([f"run.device={device}", "run.threads=1", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp) / "bench", progress=False, command=None)
         for _ in range(warmup):
@@ -87,7 +88,7 @@ def measure(name: str, device: str, steps: int, warmup: int) -> dict:
     batch = cfg.optim.batch_size
     r_mean = sum(iters) / len(iters)
     flops = 3 * forward_flops_per_query(trainer, width, r_mean) * batch * steps / dt
-    return {"preset": name, "device": device, "steps": steps, "seconds": round(dt, 3),
+    return {"preset": name, "device": device, "overrides": list(overrides), "steps": steps, "seconds": round(dt, 3),
             "steps_per_s": round(steps / dt, 3), "tokens_per_s": round(steps * batch * width / dt, 1),
             "batch_size": batch, "mean_width": width, "mean_iterations": r_mean,
             "parameters": sum(p.numel() for p in trainer.params), "model_flops_per_s": flops,
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every preset (e.g. run.compile=true run.compile_mode=reduce-overhead)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_peak = cpu_matmul_peak()
     for device in devices:
         for name in args.presets:
-            res = measure(name, device, args.steps, args.warmup)
+            res = measure(name, device, args.steps, args.warmup, args.overrides)
             if device == "cpu":
                 res["peak_flops_per_s"] = cpu_peak
                 res["peak_source"] = "measured fp32 512x512 matmul, 1 thread"
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
