@@ -290,21 +290,32 @@ class TransformerBlock(_UsesParams):
         self.hook_resid_post = HookPoint()
 
     def _fast(self) -> bool:
-        """Whether :func:`block_forward` may stand in for the module calls: no hook on any submodule (nor a
-        global one) and the submodules built here still in place (a user's replacement runs as a module)."""
+        """Whether :func:`block_forward` may stand in for the module calls: no hook inside the block (on any
+        submodule but the two boundary hook points, nor a global one) and the submodules built here still in
+        place (a user's replacement runs as a module)."""
         children = tuple(self._modules.values())
         seen = self.__dict__.get("_fast_children")
         if seen is None or seen[0] != children:  # first call, or a submodule was swapped or added
             built = self.__dict__.get("_built_children")
             if built is None:
                 built = self.__dict__["_built_children"] = children
-            descendants = tuple(m for m in self.modules() if m is not self)
-            seen = self.__dict__["_fast_children"] = (children, descendants, children == built)
+            boundary = (self._modules.get("hook_resid_pre"), self._modules.get("hook_resid_post"))
+            inside = tuple(m for m in self.modules() if m is not self and all(m is not b for b in boundary))
+            seen = self.__dict__["_fast_children"] = (children, inside, children == built)
         return seen[2] and _hook_free(seen[1])
 
+    def _boundary(self, name: str, resid: Tensor) -> Tensor:
+        """hook_resid_pre / hook_resid_post around :func:`block_forward`: called (their hooks fire, e.g.
+        run_with_cache of the residual stream) only when something is attached."""
+        hook = self._modules[name]
+        if hook._forward_hooks or hook._forward_pre_hooks or hook._backward_hooks or hook._backward_pre_hooks:
+            return hook(resid)
+        return resid
+
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        if self._fast():  # no hook would see the intermediate tensors: one function, no module calls
-            return block_forward(self.params, self.cfg, resid, self.training)
+        if self._fast():  # no hook sees a tensor inside the block: one function, no module calls
+            resid = self._boundary("hook_resid_pre", resid)
+            return self._boundary("hook_resid_post", block_forward(self.params, self.cfg, resid, self.training))
         resid = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.dropout(self.attn(self.ln1(resid))))
         resid = self.hook_resid_mid(resid + attn_out)

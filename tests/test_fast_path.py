@@ -110,7 +110,7 @@ def test_with_no_hooks_the_fused_kernels_run():
 
 
 def test_block_function_equals_the_module_path_with_dropout_and_gradients():
-    """With no hook a block runs as block_forward (one function); a no-op hook on each block's resid_pre sends
+    """With no hook a block runs as block_forward (one function); a no-op hook on each block's resid_mid sends
     it through the modules with the same fused kernels: the same numbers, random dropout masks and gradients."""
     model = _model(dropout=0.2).train()
     tokens, targets = _tokens(), torch.arange(16) % CFG["d_vocab"]
@@ -124,13 +124,38 @@ def test_block_function_equals_the_module_path_with_dropout_and_gradients():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast_loss, fast_grads = run([])
-    module_loss, module_grads = run([(lambda name: name.endswith("hook_resid_pre"), lambda x, hook: x)])
+    module_loss, module_grads = run([(lambda name: name.endswith("hook_resid_mid"), lambda x, hook: x)])
     torch.testing.assert_close(fast_loss, module_loss, atol=1e-6, rtol=1e-6)
     for name, grad in fast_grads.items():
         torch.testing.assert_close(grad, module_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     torch.manual_seed(4)
     other = model(tokens, return_type="loss", targets=targets)
     assert not torch.isclose(other, fast_loss)  # dropout is live: another mask, another loss
+
+
+def test_residual_stream_hooks_fire_around_the_block_function():
+    """hook_resid_pre / hook_resid_post bound the block, so hooks there (run_with_cache of the residual
+    stream, resid patching) keep the one-function block; their hooks fire and can edit."""
+    from unittest import mock
+
+    from looplens.models import components
+
+    model = _model()
+    tokens = _tokens()
+    layers = model.cfg.n_layers
+    with mock.patch.object(components, "block_forward", wraps=components.block_forward) as fn:
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: "hook_resid_p" in name)
+        assert fn.call_count == layers
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.hook_resid_pre", lambda x, hook: torch.zeros_like(x))])
+        assert fn.call_count == 2 * layers
+    _, full = model.run_with_cache(tokens)  # every hook: the module path
+    assert len(cache) == 2 * layers
+    for name in cache.keys():
+        torch.testing.assert_close(cache[name], full[name], atol=1e-6, rtol=1e-6)
+    state = torch.zeros(*tokens.shape, model.cfg.d_model)
+    for v in range(2, layers):
+        state = model.blocks[v](state)
+    torch.testing.assert_close(zeroed, model.unembed(model.ln_final(state)), atol=1e-5, rtol=1e-5)
 
 
 def test_module_hooks_and_replaced_submodules_are_honoured_by_the_block_function():

@@ -216,8 +216,8 @@ class RunConfig:
     ``data_root``: where datasets are cached ("" = the run directory's parent / .datasets).
     ``threads``: torch CPU threads during the run (0 = leave torch's setting).
     ``compile``: ``torch.compile`` the training step's forward (issue 16.2). Off by default: on a CPU the
-    tiny-composition step ran ~13% faster after a compile of a few minutes (benchmarks/README.md), which
-    pays only in long runs; calls with hooks attached, evaluation and seed ensembles stay eager.
+    tiny-composition step runs about as fast compiled as eager (benchmarks/README.md, 16.2); calls with
+    hooks attached, evaluation and seed ensembles stay eager.
     ``compile_mode``: torch.compile's ``mode`` for it; "reduce-overhead" captures the step in CUDA graphs on
     a GPU (one graph per batch shape: with fixed recurrence and equal query lengths, one in all).
     """
