@@ -37,7 +37,7 @@ from looplens.interp._common import (
 )
 from looplens.models import LoopedTransformer
 from looplens.models.components import _ACTIVATIONS as _ACT
-from looplens.models.components import reuse_weights
+from looplens.models.components import block_forward, reuse_weights
 from torch import Tensor
 
 PATCH_COLUMNS = {
@@ -552,34 +552,10 @@ def _kv(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch pos d
     return (x @ W_qkv[:, n_q:] + b_qkv[n_q:]).view(*resid.shape[:2], 2, cfg.n_heads, cfg.d_head)
 
 
-def _suffix_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch suffix d_model"],
-                  kv_prefix: Float[Tensor, "batch prefix two head d_head"]) -> Float[Tensor, "batch suffix d_model"]:
-    """One pre-LN block (models/components.TransformerBlock) on positions p.. only: their queries attend to
-    the unchanged keys / values of positions < p (``kv_prefix``) and to their own, causally."""
-    cfg, a, m = model.cfg, params.attn, params.mlp
-    batch, n_suf, d = resid.shape
-    p = kv_prefix.shape[1]
-    x = F.layer_norm(resid, (d,), params.ln1.w, params.ln1.b, cfg.ln_eps)
-    W_qkv, b_qkv = a.fused_qkv()
-    qkv = torch.addmm(b_qkv, x.reshape(batch * n_suf, d), W_qkv).view(batch, n_suf, 3, cfg.n_heads, cfg.d_head)
-    kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1) if p else qkv[:, :, 1:]  # [batch, key_pos, two, head, d_head]
-    # query i (position p + i) sees keys 0..p + i: SDPA's causal kernel without a prefix, no mask for one
-    # query (it sees every key), else an explicit mask (the masked kernel is the slowest)
-    mask = torch.ones(n_suf, p + n_suf, dtype=torch.bool, device=resid.device).tril(p) if p and n_suf > 1 else None
-    z = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2),
-                                       kv[:, :, 1].transpose(1, 2), attn_mask=mask, is_causal=not p and n_suf > 1,
-                                       scale=1.0 / cfg.attn_scale)
-    attn_out = torch.addmm(a.b_O, z.transpose(1, 2).reshape(batch * n_suf, -1), a.W_O.reshape(-1, d))
-    resid = resid + attn_out.view(batch, n_suf, d)
-    x = F.layer_norm(resid, (d,), params.ln2.w, params.ln2.b, cfg.ln_eps)
-    post = _ACT[cfg.act_fn](torch.addmm(m.b_in, x.reshape(batch * n_suf, d), m.W_in))
-    return resid + torch.addmm(m.b_out, post, m.W_out).view(batch, n_suf, d)
-
-
 def _readout_block(model: LoopedTransformer, params: Any, resid: Float[Tensor, "batch suffix d_model"],
                    kv_prefix: Float[Tensor, "batch prefix two head d_head"], at: Int[Tensor, " batch"]
                    ) -> Float[Tensor, "batch d_model"]:
-    """The last block as :func:`_suffix_block`, at each row's readout position only (suffix index ``at``):
+    """The last block as ``block_forward(..., kv_prefix=...)``, at each row's readout position only (suffix index ``at``):
     every suffix position still gives keys and values, but queries, attention output and MLP are only
     needed where the answer is read."""
     cfg, a, m = model.cfg, params.attn, params.mlp
@@ -665,7 +641,7 @@ def _sweep_suffix(model: LoopedTransformer, cells: pd.DataFrame, clean_acts: dic
                     continue
                 params = _block_params(model, u)
                 if u < n_layers - 1:
-                    state = _suffix_block(model, params, state, given[u][pair_idx])
+                    state = block_forward(params, model.cfg, state, kv_prefix=given[u][pair_idx])
                 else:
                     state = _readout_block(model, params, state, given[u][pair_idx], readout[pair_idx] - s)
             if len(pair_idx):

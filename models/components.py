@@ -324,13 +324,19 @@ class TransformerBlock(_UsesParams):
 
 
 def block_forward(params: BlockParams, cfg: LoopedConfig, resid: Float[Tensor, "batch pos d_model"],
-                  training: bool = False) -> Float[Tensor, "batch pos d_model"]:
+                  training: bool = False, kv_prefix: Float[Tensor, "batch prefix two head d_head"] | None = None,
+                  ) -> Float[Tensor, "batch pos d_model"]:
     """:class:`TransformerBlock`'s map with no hook attached, as one function of the block's weights.
 
     The same operations as the module path's fast kernels (fused LayerNorm, one qkv GEMM, causal SDPA;
     dropout in the same order), without ~20 module calls per layer: on a small model Python overhead is a
     few percent of a forward (benchmarks/README.md, 16.1). tests/test_fast_path.py checks it against the
     module path.
+
+    ``kv_prefix``: the keys and values of ``prefix`` earlier positions (a run resumed at position ``prefix``:
+    ``resid`` holds positions prefix.., whose queries attend causally to those keys and their own; nothing
+    at an earlier position depends on a later one). interp.patching computes only the positions a patch
+    can change this way.
     """
     batch, n_pos, d_model = resid.shape
     rows = batch * n_pos
@@ -338,9 +344,15 @@ def block_forward(params: BlockParams, cfg: LoopedConfig, resid: Float[Tensor, "
     x = F.layer_norm(resid, (d_model,), params.ln1.w, params.ln1.b, cfg.ln_eps)
     W_qkv, b_qkv = a.fused_qkv()
     qkv = torch.addmm(b_qkv, x.reshape(rows, d_model), W_qkv).view(batch, n_pos, 3, cfg.n_heads, cfg.d_head)
+    p = 0 if kv_prefix is None else kv_prefix.shape[1]
+    kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1) if p else qkv[:, :, 1:]  # [batch, key_pos, two, head, d_head]
+    # query i (position p + i) sees keys 0..p + i: SDPA's causal kernel without a prefix; with one, no mask
+    # for a single query (it sees every key), else an explicit mask (the masked kernel is the slowest)
+    mask = torch.ones(n_pos, p + n_pos, dtype=torch.bool, device=resid.device).tril(p) if p and n_pos > 1 else None
     z = F.scaled_dot_product_attention(
-        qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2),
-        is_causal=True, dropout_p=cfg.dropout if training else 0.0, scale=1.0 / cfg.attn_scale,
+        qkv[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+        attn_mask=mask, is_causal=not p and n_pos > 1, dropout_p=cfg.dropout if training else 0.0,
+        scale=1.0 / cfg.attn_scale,
     )  # [batch, head, pos, d_head]
     attn_out = torch.addmm(a.b_O, z.transpose(1, 2).reshape(rows, -1), a.W_O.reshape(-1, d_model))
     dropout = cfg.dropout if training else 0.0
@@ -377,7 +389,7 @@ class Embed(nn.Module):
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.W_E[tokens]
+        return F.embedding(tokens, self.W_E)  # W_E[tokens], with the gather kernel
 
 
 class PosEmbed(nn.Module):
@@ -414,6 +426,9 @@ class Unembed(nn.Module):
         return embed.W_E.T if embed is not None else self.W_U_untied
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        embed = self.__dict__.get("_embed")
+        if embed is not None and not (_has_hooks(self.hook_in) or _has_hooks(self.hook_out)):
+            return F.linear(x, embed.W_E, self.b_U)  # x @ W_E^T + b_U in one GEMM
         return self.hook_out(self.hook_in(x) @ self.W_U + self.b_U)
 
 

@@ -212,7 +212,10 @@ class LoopedTransformer(HookedLoopedModel):
         """Token (+ position) embedding, then the prelude blocks: the loop's initial state."""
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional == "learned":
-            resid = resid + self.hook_pos_embed(self.pos_embed(tokens))
+            if self.hook_pos_embed._forward_hooks or self.hook_pos_embed._backward_hooks:
+                resid = resid + self.hook_pos_embed(self.pos_embed(tokens))  # [batch, pos, d_model], as TL's
+            else:  # nothing reads it: broadcast over the batch instead of copying per query
+                resid = resid + self.pos_embed.W_pos[: tokens.shape[1]]
         resid = self.embed_dropout(resid)
         for v in range(self.cfg.n_prelude):
             resid = self._block(v, self.prelude[v])(resid)
