@@ -288,6 +288,7 @@ class TransformerBlock(_UsesParams):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        self.__dict__["_built_children"] = tuple(self._modules.values())  # what _fast checks is still in place
 
     def _fast(self) -> bool:
         """Whether :func:`block_forward` may stand in for the module calls: no hook inside the block (on any
@@ -296,9 +297,7 @@ class TransformerBlock(_UsesParams):
         children = tuple(self._modules.values())
         seen = self.__dict__.get("_fast_children")
         if seen is None or seen[0] != children:  # first call, or a submodule was swapped or added
-            built = self.__dict__.get("_built_children")
-            if built is None:
-                built = self.__dict__["_built_children"] = children
+            built = self.__dict__["_built_children"]
             boundary = (self._modules.get("hook_resid_pre"), self._modules.get("hook_resid_post"))
             inside = tuple(m for m in self.modules() if m is not self and all(m is not b for b in boundary))
             seen = self.__dict__["_fast_children"] = (children, inside, children == built)

@@ -192,6 +192,12 @@ def test_module_hooks_and_replaced_submodules_are_honoured_by_the_block_function
     assert Silent.calls == 1 and not torch.allclose(ablated, base)
     model.blocks[0].mlp = original
     torch.testing.assert_close(model(tokens), base)  # back in place: the function path again, same numbers
+    fresh = _model()  # swapped before its first forward: honoured too
+    fresh.blocks[1].mlp = Silent()
+    fresh(tokens)
+    assert Silent.calls == 2
+    plain = [block._fast() for model_ in (_model(), _model(n_prelude=1, n_coda=1, feedback=1.0)) for block in model_.blocks]
+    assert all(plain)  # every block the models build takes the one-function path
 
 
 def test_a_forward_fuses_each_blocks_qkv_weights_once_and_a_scope_never_goes_stale():
