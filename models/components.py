@@ -292,8 +292,8 @@ class TransformerBlock(_UsesParams):
 
     def _fast(self) -> bool:
         """Whether :func:`block_forward` may stand in for the module calls: no hook inside the block (on any
-        submodule but the two boundary hook points, nor a global one) and the submodules built here still in
-        place (a user's replacement runs as a module)."""
+        submodule but the two boundary hook points, nor a global one) and the direct submodules built here
+        still in place (a user's replacement runs as a module; attributes inside them are not read)."""
         children = tuple(self._modules.values())
         seen = self.__dict__.get("_fast_children")
         if seen is None or seen[0] != children:  # first call, or a submodule was swapped or added
