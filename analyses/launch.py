@@ -489,8 +489,8 @@ def add_launcher_arguments(parser: Any, jobs: bool = False) -> None:
                         "timeout; each resumes from the run's last checkpoint (default 3)")
     if jobs:
         parser.add_argument("--jobs", type=int, default=None, metavar="N",
-                            help="local launcher: runs trained at once, one process each (default: the plan's, "
-                            "2 for the tiny plan, else 1)")
+                            help="local launcher: runs trained at once, one process each (default: the "
+                            "plan's own setting, Plan.jobs)")
 
 
 def launcher_from_args(args: Any, check: bool = True, default_jobs: int = 1) -> Launcher:
