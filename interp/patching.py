@@ -37,7 +37,7 @@ from looplens.interp._common import (
 )
 from looplens.models import LoopedTransformer
 from looplens.models.components import _ACTIVATIONS as _ACT
-from looplens.models.components import block_forward, reuse_weights
+from looplens.models.components import _has_hooks, block_forward, reuse_weights
 from torch import Tensor
 
 PATCH_COLUMNS = {
@@ -534,7 +534,7 @@ def _fast_path_applies(model: LoopedTransformer, short: str, by_position: bool) 
     return (type(model) is LoopedTransformer and short == "resid_pre" and by_position
             and cfg.input_injection == "none" and not cfg.feedback and cfg.n_coda == 0
             and not model.carries_state  # hyper-connections / two timescales: more than resid_pre flows on
-            and not any(h._forward_hooks or h._backward_hooks for h in model.hook_dict.values()))
+            and not any(_has_hooks(h) for h in model.hook_dict.values()))
 
 
 def _block_params(model: LoopedTransformer, v: int) -> Any:

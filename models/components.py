@@ -157,9 +157,10 @@ class _UsesParams(nn.Module):
             raise
 
 
-def _has_hooks(hook_point: HookPoint) -> bool:
-    """Whether a forward or backward hook is attached (TransformerLens attaches them as module hooks)."""
-    return bool(hook_point._forward_hooks or hook_point._backward_hooks)
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether a forward, pre-forward or backward hook is attached (TransformerLens attaches module hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 # torch's global module hooks (register_module_forward_hook, ...): mutated in place, so read here once
@@ -171,8 +172,7 @@ def _hook_free(modules: tuple[nn.Module, ...]) -> bool:
     """No forward, pre-forward or backward hook on any of ``modules``, and no global module hook."""
     if any(_GLOBAL_MODULE_HOOKS):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in modules)
+    return not any(_has_hooks(m) for m in modules)
 
 
 class LayerNorm(_UsesParams):
@@ -307,9 +307,7 @@ class TransformerBlock(_UsesParams):
         """hook_resid_pre / hook_resid_post around :func:`block_forward`: called (their hooks fire, e.g.
         run_with_cache of the residual stream) only when something is attached."""
         hook = self._modules[name]
-        if hook._forward_hooks or hook._forward_pre_hooks or hook._backward_hooks or hook._backward_pre_hooks:
-            return hook(resid)
-        return resid
+        return hook(resid) if _has_hooks(hook) else resid
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if self._fast():  # no hook sees a tensor inside the block: one function, no module calls
@@ -344,17 +342,16 @@ def block_forward(params: BlockParams, cfg: LoopedConfig, resid: Float[Tensor, "
     W_qkv, b_qkv = a.fused_qkv()
     qkv = torch.addmm(b_qkv, x.reshape(rows, d_model), W_qkv).view(batch, n_pos, 3, cfg.n_heads, cfg.d_head)
     p = 0 if kv_prefix is None else kv_prefix.shape[1]
+    dropout = cfg.dropout if training else 0.0
     kv = torch.cat([kv_prefix, qkv[:, :, 1:]], dim=1) if p else qkv[:, :, 1:]  # [batch, key_pos, two, head, d_head]
     # query i (position p + i) sees keys 0..p + i: SDPA's causal kernel without a prefix; with one, no mask
     # for a single query (it sees every key), else an explicit mask (the masked kernel is the slowest)
     mask = torch.ones(n_pos, p + n_pos, dtype=torch.bool, device=resid.device).tril(p) if p and n_pos > 1 else None
     z = F.scaled_dot_product_attention(
         qkv[:, :, 0].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
-        attn_mask=mask, is_causal=not p and n_pos > 1, dropout_p=cfg.dropout if training else 0.0,
-        scale=1.0 / cfg.attn_scale,
+        attn_mask=mask, is_causal=not p and n_pos > 1, dropout_p=dropout, scale=1.0 / cfg.attn_scale,
     )  # [batch, head, pos, d_head]
     attn_out = torch.addmm(a.b_O, z.transpose(1, 2).reshape(rows, -1), a.W_O.reshape(-1, d_model))
-    dropout = cfg.dropout if training else 0.0
     attn_out = attn_out.view(batch, n_pos, d_model)
     resid = resid + (F.dropout(attn_out, dropout) if dropout else attn_out)
     x = F.layer_norm(resid, (d_model,), params.ln2.w, params.ln2.b, cfg.ln_eps)

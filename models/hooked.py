@@ -22,7 +22,7 @@ from typing import Any
 import einops
 import torch
 from jaxtyping import Float, Int
-from looplens.models.components import BlockParams, IterationHooks, TransformerBlock
+from looplens.models.components import BlockParams, IterationHooks, TransformerBlock, _has_hooks
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 
@@ -299,7 +299,7 @@ class HookedLoopedModel(HookedRootModule):
 
     def _wrapped_call_impl(self, *args: Any, **kwargs: Any) -> Any:
         compiled = self.__dict__.get("_compiled_call")
-        if compiled is not None and not any(hp._forward_hooks or hp._backward_hooks for hp in self.hook_dict.values()):
+        if compiled is not None and not any(_has_hooks(hp) for hp in self.hook_dict.values()):
             return compiled(*args, **kwargs)
         return self._call_impl(*args, **kwargs)
 

@@ -37,6 +37,7 @@ from looplens.models.components import (
     PosEmbed,
     TransformerBlock,
     Unembed,
+    _has_hooks,
     init_block_params,
     reuse_weights,
 )
@@ -212,7 +213,7 @@ class LoopedTransformer(HookedLoopedModel):
         """Token (+ position) embedding, then the prelude blocks: the loop's initial state."""
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional == "learned":
-            if self.hook_pos_embed._forward_hooks or self.hook_pos_embed._backward_hooks:
+            if _has_hooks(self.hook_pos_embed):
                 resid = resid + self.hook_pos_embed(self.pos_embed(tokens))  # [batch, pos, d_model], as TL's
             else:  # nothing reads it: broadcast over the batch instead of copying per query
                 resid = resid + self.pos_embed.W_pos[: tokens.shape[1]]

@@ -86,6 +86,21 @@ def test_one_hook_on_a_layernorm_scale_fires_and_can_edit():
     assert not torch.allclose(out, model(tokens))  # the edit took effect: the unfused path ran there
 
 
+def test_a_pre_forward_hook_on_an_inner_hook_point_fires():
+    """A forward pre-hook counts as a hook everywhere: the block leaves its one-function path and the
+    LayerNorm its fused kernel, so the pre-hook on hook_scale runs and can edit the scale."""
+    model = _model()
+    tokens = _tokens()
+    base = model(tokens)
+    seen = []
+    handle = model.blocks[1].ln2.hook_scale.register_forward_pre_hook(lambda m, args: (seen.append(1), (2 * args[0],))[1])
+    try:
+        out = model(tokens)
+    finally:
+        handle.remove()
+    assert seen == [1] and not torch.allclose(out, base)
+
+
 def test_no_hooks_stay_attached_after_a_hooked_run():
     model = _model()
     model.run_with_cache(_tokens())
