@@ -137,6 +137,8 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
 
     A crash or exception leaves no half-written ``final`` behind (the temp folder is removed); an
     OSError while writing (read-only, disk full) becomes an :class:`OutputError` naming ``final``.
+    Without ``overwrite``, a ``final`` that another process completed meanwhile is left as it is and
+    this one raises FileExistsError (so concurrent first builds of a cache never hide it from readers).
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -147,13 +149,19 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
-        if final.exists():
+        if overwrite and final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(final)
+            try:  # never move aside a folder another process finished meanwhile (its readers would see
+                tmp.rename(final)  # no directory for a moment): the first complete one stays
+            except OSError as err:
+                if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(f"{final} already exists (written by another process meanwhile); "
+                                          "pass overwrite=True (CLI: --overwrite) to replace it") from None
+                raise
     except OSError as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -390,7 +390,10 @@ def _dataset_and_tokens(data: str | os.PathLike, run_dir: Path):
             digest.update(name.encode() + b"\0" + (data / name).read_bytes())
     dst = run_dir.resolve().parent / ".datasets" / f"imported-{digest.hexdigest()[:16]}"
     if not dst.is_dir():
-        import_grokked(data, dst)
+        try:
+            import_grokked(data, dst)
+        except FileExistsError:  # another import of the same files finished first: use it
+            pass
     return load_dataset(dst), paper_vocab(data / "vocab.json")
 
 

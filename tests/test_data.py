@@ -611,6 +611,39 @@ def test_ensure_dataset_builds_once_and_finds_by_checksum(tmp_path):
     assert other.path != ds.path and len(list(tmp_path.iterdir())) == 2
 
 
+def test_concurrent_first_builds_keep_the_first_finished_dataset(tmp_path, monkeypatch):
+    """Two processes building the same cached dataset: the one finishing second must not move the first
+    one's folder aside (a reader in between saw "no such directory": a CI failure of the Ray retry test)."""
+    import looplens.data.storage as storage
+
+    cfg = SMALL_DEPTH.replace(max_hops=3)
+    original = storage.facts_to_jsonl
+
+    def race(target):  # while this build writes, another process completes ``target``
+        inode = []
+
+        def racing(facts):
+            if not inode:
+                monkeypatch.setattr(storage, "facts_to_jsonl", original)
+                build_dataset(cfg, target)
+                inode.append((target / "train.jsonl").stat().st_ino)
+            return original(facts)
+
+        monkeypatch.setattr(storage, "facts_to_jsonl", racing)
+        return inode
+
+    path = tmp_path / cfg.dirname()
+    inode = race(path)
+    ds = ensure_dataset(cfg, tmp_path)  # loses the race quietly and opens the winner's dataset
+    assert ds.path == path and inode
+    assert (path / "train.jsonl").stat().st_ino == inode[0]  # the winner's files, never replaced
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp or .old folder left behind
+    race(tmp_path / "b")
+    with pytest.raises(FileExistsError, match="written by another process meanwhile"):
+        build_dataset(cfg, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "b"])
+
+
 def test_unknown_split_is_a_clear_error(depth_dir):
     with pytest.raises(ValueError, match=r"no split 'valid' \(splits: train, test, train_eval\)"):
         load_dataset(depth_dir).rows("valid")
