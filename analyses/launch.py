@@ -216,6 +216,7 @@ class Launcher:
             else:
                 todo.append(job)
         if todo:
+            _build_datasets(todo, log)
             self._execute(todo, lambda job, res: self._finish(job, res, results, on_done, log, len(jobs)),
                           log, progress)
         if log:
@@ -233,6 +234,25 @@ class Launcher:
     def _execute(self, jobs: list[RunJob], finish: Callable[[RunJob, JobResult], None], log: Log,
                  progress: bool) -> None:
         raise NotImplementedError
+
+
+def _build_datasets(jobs: Sequence[RunJob], log: Log) -> None:
+    """Build each distinct dataset the jobs need once, here, before any worker starts (else every worker
+    of a grid generates the same dataset at once and all but the first throw theirs away)."""
+    from looplens.data import ensure_dataset
+    from looplens.models.train import TrainConfig
+    from looplens.models.train.run import data_root
+
+    needed = {}
+    for job in jobs:
+        cfg = TrainConfig.from_dict(job.config)
+        root = data_root(cfg, job.run_dir)
+        needed.setdefault(root / cfg.data.dirname(), (cfg.data, root))
+    for path, (data, root) in needed.items():
+        if not path.exists():
+            ensure_dataset(data, root)
+            if log:
+                log(f"dataset {path.name}: built once for the runs that share it")
 
 
 def _check_unique(jobs: Sequence[RunJob]) -> None:

@@ -71,6 +71,10 @@ def test_local_launcher_trains_skips_finished_and_reports(tmp_path):
     assert [r.status for r in again] == ["skipped", "skipped"]
     assert (tmp_path / "runs" / "a" / "metrics.csv").read_bytes() == metrics
     assert "finished earlier (step 20, max_steps), skipped" in "\n".join(lines)
+    # the two runs share one dataset, built once by the driver before any run started
+    built = [line for line in lines if line.startswith("dataset ")]
+    assert len(built) == 1 and "built once" in built[0] and lines.index(built[0]) == 0
+    assert [p.name for p in (tmp_path / "runs" / ".datasets").iterdir()] == [built[0].split()[1].rstrip(":")]
 
 
 def test_a_worker_that_cannot_see_out_refuses_to_train(tmp_path):
