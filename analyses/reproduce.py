@@ -143,15 +143,20 @@ def _tiny() -> Plan:
     # Both presets are the paper's own model (issue 15: no readout feedback, answer loss at the last
     # iteration, the paper's world type per task) with CPU recipes; two runs train at once (jobs=2), one
     # thread each. The composition pair runs the preset's full 10,000 steps (its cosine schedule; ~18 minutes
-    # per run on an idle core), then the depth pair (capped in wall-clock time) and the short shortcut run.
-    depth_cap = "run.time_budget_minutes=12"
+    # per run on an idle core), then the depth pair and the short shortcut run. Every run stops at a step
+    # count, so the verdicts are the same on every machine (a wall-clock cap made them depend on the load:
+    # two fresh-clone runs stopped depth-fixed at steps 3,746 and 5,578); the depth preset's constant lr
+    # makes 6,000 steps the same trajectory a longer run passes through. The time caps are safety nets only
+    # (about 2.5x the expected time; a run that hits one says so in the report's stop_reason).
+    depth_cap = ("run.max_steps=6000", "run.time_budget_minutes=30")
+    comp_cap = "run.time_budget_minutes=60"  # the preset's 30 was within 1.15x of a loaded run's 26 minutes
     runs = (
-        RunSpec("comp-looped", comp, (), f"looped R={R} (the preset: the paper's model)"),
-        RunSpec("comp-vanilla", comp, tuple(_iso_flop(comp, R)), f"vanilla, iso-FLOP with R={R}"),
-        RunSpec("depth-fixed", depth, (depth_cap,), "fixed R (the preset's)"),
-        RunSpec("depth-dynamic", depth, ("recurrence.mode=poisson", "model.n_iterations=8", depth_cap),
+        RunSpec("comp-looped", comp, (comp_cap,), f"looped R={R} (the preset: the paper's model)"),
+        RunSpec("comp-vanilla", comp, (*_iso_flop(comp, R), comp_cap), f"vanilla, iso-FLOP with R={R}"),
+        RunSpec("depth-fixed", depth, depth_cap, "fixed R (the preset's)"),
+        RunSpec("depth-dynamic", depth, ("recurrence.mode=poisson", "model.n_iterations=8", *depth_cap),
                 "dynamic R = clip(Poisson(4), 2, 8), evaluated at 8 iterations"),
-        RunSpec("comp-permutation", comp, ("data.world=permutation", "run.max_steps=1200", "run.time_budget_minutes=3"),
+        RunSpec("comp-permutation", comp, ("data.world=permutation", "run.max_steps=1200", "run.time_budget_minutes=10"),
                 "looped, permutation world, short (shortcut study)"),
     )
     studies = (
@@ -168,7 +173,7 @@ def _tiny() -> Plan:
                 f"CPU-sized versions of both tasks with the paper's own model (trainer presets {comp} and {depth}; "
                 "issue 15's recipes, every recipe value beside the paper's in each verdict's differences): a looped "
                 "and an iso-FLOP vanilla composition run on a random-tail world, a fixed-R and a dynamic-R depth "
-                "curriculum run on a permutation world (capped in wall-clock time), and a short looped run on a "
+                "curriculum run on a permutation world (6,000 steps each), and a short looped run on a "
                 "permutation world (shortcuts). Two runs train at once (--jobs 2), one thread each. The modified "
                 "recipe with readout feedback (tiny-composition-feedback) is not part of this plan.",
                 "about 35-40 minutes on 2 CPU cores (2 runs at a time: 2 x ~20 min composition, then 2 x 12 min "

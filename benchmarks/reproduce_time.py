@@ -46,6 +46,13 @@ def _stages(ledger_path: Path) -> dict[str, float]:
     return {name: info["seconds"] for name, info in ledger["stages"].items() if "seconds" in info}
 
 
+def _runs(ledger_path: Path) -> dict[str, dict]:
+    """Each training stage's last step and why it stopped (max_steps, or a safety time cap)."""
+    ledger = json.loads(ledger_path.read_text())
+    return {name.split(":", 1)[1]: {"step": info.get("step"), "stop_reason": info.get("stop_reason")}
+            for name, info in ledger["stages"].items() if name.startswith("train:")}
+
+
 def measure(preset: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "repro"
@@ -57,12 +64,12 @@ def measure(preset: str) -> dict:
         subprocess.run(command, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        stages = _stages(out / "ledger.json")
+        stages, runs = _stages(out / "ledger.json"), _runs(out / "ledger.json")
     # CPU seconds of the command (user + system): what it needs of an idle core, whatever else ran
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
             "stage_seconds_total": round(sum(stages.values()), 1),
-            "stages": stages, "load_average_before": [round(x, 2) for x in load_before],
+            "stages": stages, "runs": runs, "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -79,7 +86,7 @@ def main() -> None:
         stages = _stages(args.ledger / "ledger.json")
         result = {"demo_wall_seconds": args.demo_wall, "wall_seconds": args.wall,
                   "stage_seconds_total": round(sum(stages.values()), 1), "stages": stages,
-                  **({"note": args.note} if args.note else {})}
+                  "runs": _runs(args.ledger / "ledger.json"), **({"note": args.note} if args.note else {})}
     else:
         result = measure(args.preset)
     record = {"benchmark": f"looplens reproduce --preset {args.preset}", "command": " ".join(["python", *sys.argv]),
