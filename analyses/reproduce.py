@@ -176,8 +176,8 @@ def _tiny() -> Plan:
                 "curriculum run on a permutation world (6,000 steps each), and a short looped run on a "
                 "permutation world (shortcuts). Two runs train at once (--jobs 2), one thread each. The modified "
                 "recipe with readout feedback (tiny-composition-feedback) is not part of this plan.",
-                "about 35-40 minutes on 2 CPU cores (2 runs at a time: 2 x ~20 min composition, then 2 x 12 min "
-                "depth and 2 min shortcut; measured 2,376 s from a fresh clone, benchmarks/results/reproduce_tiny.json)",
+                "about 30-40 minutes on 2 CPU cores (2 runs at a time: 2 x ~15 min composition, then 2 x ~11 min "
+                "depth and 1.5 min shortcut; measured 1,607 s from a fresh clone, benchmarks/results/reproduce_tiny.json)",
                 jobs=2)
 
 
