@@ -147,7 +147,7 @@ def _tiny() -> Plan:
     # count, so the verdicts are the same on every machine (a wall-clock cap made them depend on the load:
     # two fresh-clone runs stopped depth-fixed at steps 3,746 and 5,578); the depth preset's constant lr
     # makes 6,000 steps the same trajectory a longer run passes through. The time caps are safety nets only
-    # (about 2.5x the expected time; a run that hits one says so in the report's stop_reason).
+    # (at least twice the measured time; a run that hits one says so in the report's stop_reason).
     depth_cap = ("run.max_steps=6000", "run.time_budget_minutes=30")
     comp_cap = "run.time_budget_minutes=60"  # the preset's 30 was within 1.15x of a loaded run's 26 minutes
     runs = (

@@ -41,16 +41,14 @@ def _git_sha() -> str | None:
         return None
 
 
-def _stages(ledger_path: Path) -> dict[str, float]:
-    ledger = json.loads(ledger_path.read_text())
-    return {name: info["seconds"] for name, info in ledger["stages"].items() if "seconds" in info}
-
-
-def _runs(ledger_path: Path) -> dict[str, dict]:
-    """Each training stage's last step and why it stopped (max_steps, or a safety time cap)."""
-    ledger = json.loads(ledger_path.read_text())
-    return {name.split(":", 1)[1]: {"step": info.get("step"), "stop_reason": info.get("stop_reason")}
-            for name, info in ledger["stages"].items() if name.startswith("train:")}
+def _ledger(ledger_path: Path) -> tuple[dict[str, float], dict[str, dict]]:
+    """Each stage's seconds, and each training stage's last step and why it stopped (max_steps, or a
+    safety time cap)."""
+    stages = json.loads(ledger_path.read_text())["stages"]
+    seconds = {name: info["seconds"] for name, info in stages.items() if "seconds" in info}
+    runs = {name.split(":", 1)[1]: {"step": info.get("step"), "stop_reason": info.get("stop_reason")}
+            for name, info in stages.items() if name.startswith("train:")}
+    return seconds, runs
 
 
 def measure(preset: str) -> dict:
@@ -64,7 +62,7 @@ def measure(preset: str) -> dict:
         subprocess.run(command, cwd=tmp, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        stages, runs = _stages(out / "ledger.json"), _runs(out / "ledger.json")
+        stages, runs = _ledger(out / "ledger.json")
     # CPU seconds of the command (user + system): what it needs of an idle core, whatever else ran
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
@@ -83,10 +81,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/reproduce_<preset>.json)")
     args = parser.parse_args()
     if args.ledger is not None:
-        stages = _stages(args.ledger / "ledger.json")
+        stages, runs = _ledger(args.ledger / "ledger.json")
         result = {"demo_wall_seconds": args.demo_wall, "wall_seconds": args.wall,
                   "stage_seconds_total": round(sum(stages.values()), 1), "stages": stages,
-                  "runs": _runs(args.ledger / "ledger.json"), **({"note": args.note} if args.note else {})}
+                  "runs": runs, **({"note": args.note} if args.note else {})}
     else:
         result = measure(args.preset)
     record = {"benchmark": f"looplens reproduce --preset {args.preset}", "command": " ".join(["python", *sys.argv]),
